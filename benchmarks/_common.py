@@ -1,0 +1,245 @@
+"""Shared plumbing: locating htmlgraph, round-robin timing, statistics, tables."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SRC_DIR = REPO_ROOT / "src"
+
+
+def import_htmlgraph() -> ModuleType | None:
+    """Import ``htmlgraph.atomic_ops``, from the checkout if it is not installed.
+
+    Returns None while the module does not exist yet, so the harness still
+    measures the floors and the peers.
+    """
+    try:
+        return importlib.import_module("htmlgraph.atomic_ops")
+    except ImportError:
+        pass
+    if str(SRC_DIR) not in sys.path:
+        sys.path.insert(0, str(SRC_DIR))
+    for name in [m for m in sys.modules if m == "htmlgraph" or m.startswith("htmlgraph.")]:
+        del sys.modules[name]
+    try:
+        return importlib.import_module("htmlgraph.atomic_ops")
+    except ImportError:
+        return None
+
+
+def ours(name: str) -> Any:
+    """Return ``htmlgraph.atomic_ops.<name>`` or None when it does not exist (yet).
+
+    ``DirectoryLocker`` is also looked up in ``htmlgraph._locker``, where it
+    lives until the lead merges it into ``atomic_ops``.
+    """
+    mod = import_htmlgraph()
+    obj = getattr(mod, name, None) if mod is not None else None
+    if obj is None and name in ("DirectoryLocker", "LockTimeout"):
+        try:
+            locker = importlib.import_module("htmlgraph._locker")
+        except ImportError:
+            return None
+        obj = getattr(locker, name, None)
+    return obj
+
+
+def htmlgraph_revision() -> str:
+    """Describe the library code being measured (git commit + dirty flag)."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %cI", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = rev or "uncommitted"
+    return f"{rev}{' + uncommitted changes in src/' if dirty else ''}"
+
+
+@dataclass
+class Series:
+    """Timings (seconds) of one contender in one case."""
+
+    name: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        """Median of the samples."""
+        return statistics.median(self.samples)
+
+    @property
+    def iqr(self) -> tuple[float, float]:
+        """25th and 75th percentiles."""
+        if len(self.samples) < 4:
+            return (min(self.samples), max(self.samples))
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return (q[0], q[2])
+
+
+Op = Callable[[], object]
+
+
+def round_robin(
+    contenders: Sequence[tuple[str, Op]],
+    reps: int,
+    *,
+    warmup: int = 1,
+    before_each: Callable[[], None] | None = None,
+) -> dict[str, Series]:
+    """Time each contender ``reps`` times, interleaved.
+
+    Every repetition runs every contender once; the starting contender rotates
+    each repetition so no one always runs right after the same neighbour (page
+    cache and writeback state carry over between calls). Drift of the machine
+    (other tenants, writeback storms) therefore hits all contenders alike. The
+    garbage collector is paused during a timed call and run between
+    repetitions, the same for everybody.
+    """
+    results = {name: Series(name) for name, _ in contenders}
+    n = len(contenders)
+    for _ in range(warmup):
+        for _, op in contenders:
+            op()
+    gc.collect()
+    perf = time.perf_counter
+    for rep in range(reps):
+        gc.disable()
+        try:
+            for k in range(n):
+                name, op = contenders[(rep + k) % n]
+                if before_each is not None:
+                    before_each()
+                t0 = perf()
+                op()
+                results[name].samples.append(perf() - t0)
+        finally:
+            gc.enable()
+        if rep % 16 == 15:
+            gc.collect()
+    return results
+
+
+def fmt_time(seconds: float) -> str:
+    """Format a duration with a unit that keeps 3 significant figures."""
+    us = seconds * 1e6
+    if us < 1000:
+        return f"{us:.1f} µs" if us < 100 else f"{us:.0f} µs"
+    ms = us / 1000
+    if ms < 1000:
+        return f"{ms:.2f} ms" if ms < 100 else f"{ms:.0f} ms"
+    return f"{ms / 1000:.2f} s"
+
+
+def fmt_ratio(value: float | None) -> str:
+    """Format a ratio like ``1.07x``; ``-`` when not applicable."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}x"
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Render a GitHub-flavoured Markdown table with aligned columns."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    right = [i > 0 and (rows and _numericish(rows[0][i])) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, c in enumerate(cells):
+            out.append(c.rjust(widths[i]) if right[i] else c.ljust(widths[i]))
+        return "| " + " | ".join(out) + " |"
+
+    sep = "|" + "|".join(
+        ("-" * (w + 1) + ":") if right[i] else (":" + "-" * (w + 1)) for i, w in enumerate(widths)
+    )
+    return "\n".join([line(headers), sep + "|", *(line(r) for r in rows)])
+
+
+def _numericish(cell: str) -> bool:
+    return bool(cell) and (cell[0].isdigit() or cell in ("-", "n/a"))
+
+
+def fs_type(path: Path) -> str:
+    """Return the filesystem type and device holding ``path`` (Linux mountinfo)."""
+    try:
+        real = os.path.realpath(path)
+        best = ("", "unknown", "?")
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for raw in f:
+                left, _, right = raw.partition(" - ")
+                mount_point = left.split()[4]
+                fstype, source = right.split()[:2]
+                prefix = mount_point.rstrip("/") + "/"
+                if (real == mount_point or real.startswith(prefix)) and len(mount_point) >= len(
+                    best[0]
+                ):
+                    best = (mount_point, fstype, source)
+        return f"{best[1]} on {best[2]} (mounted at {best[0]})"
+    except OSError:
+        return "unknown"
+
+
+def machine_info(bench_dir: Path) -> dict[str, str]:
+    """Describe where the numbers come from."""
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    return {
+        "cpus (nproc)": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version() + " (" + platform.python_implementation() + ")",
+        "bench dir": str(bench_dir),
+        "filesystem": fs_type(bench_dir),
+        "load average at start": load,
+        "htmlgraph src": htmlgraph_revision(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def peer_versions() -> dict[str, str]:
+    """Return the installed version of each peer (or ``missing``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in (
+        "atomicwrites",
+        "boltons",
+        "safer",
+        "atomicwriter",
+        "filelock",
+        "fasteners",
+        "portalocker",
+    ):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "missing"
+    return out

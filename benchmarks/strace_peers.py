@@ -1,0 +1,253 @@
+"""Find out, with strace, what durability each write contender really gives.
+
+Docs and READMEs are not evidence: this runs one overwrite of an existing file
+per contender in a child process under ``strace -f`` and reads the syscalls
+between two marker ``stat`` calls: is the file fsynced, before or after the
+rename, and is the directory fsynced after it?
+
+Usage::
+
+    python -m benchmarks.strace_peers                # table of all contenders
+    python -m benchmarks.strace_peers --show NAME    # full syscall list of one write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks._common import REPO_ROOT, md_table
+
+# Built at run time so that the literal never appears in this file's source,
+# which the traced child reads (and strace prints) while importing.
+BEGIN_MARK = "@@" + "-".join(("htmlgraph", "bench", "begin")) + "@@"
+END_MARK = "@@" + "-".join(("htmlgraph", "bench", "end")) + "@@"
+_STAT_CALLS = ("stat", "lstat", "newfstatat", "statx", "fstatat64")
+
+# With -f -o, strace prefixes each line with the pid ("1234  openat(...)").
+_LINE = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((.*)\)\s+=\s+(-?\d+|\?)(.*)$")
+_PREFIX = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class Trace:
+    """Syscalls of one traced write and what they prove."""
+
+    name: str
+    calls: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def _first_rename(self) -> int | None:
+        for i, e in enumerate(self.events):
+            if e.startswith(("rename", "link")):
+                return i
+        return None
+
+    def _fsyncs(self, kind: str, after: bool) -> bool:
+        first = self._first_rename
+        for i, e in enumerate(self.events):
+            if e == f"fsync {kind}":
+                is_after = first is not None and i > first
+                if is_after == after:
+                    return True
+        return False
+
+    @property
+    def file_fsync(self) -> str:
+        """``before rename`` / ``AFTER rename`` / ``no``."""
+        if self._fsyncs("file", after=False):
+            return "before rename"
+        if self._fsyncs("file", after=True):
+            return "AFTER rename"
+        return "no"
+
+    @property
+    def dir_fsync(self) -> str:
+        """``after rename`` / ``no``."""
+        return "after rename" if self._fsyncs("dir", after=True) else "no"
+
+    @property
+    def commit(self) -> str:
+        """The syscall that publishes the new content."""
+        for e in self.events:
+            if e.startswith(("rename", "link")):
+                return e.split()[0]
+        return "none"
+
+    @property
+    def label(self) -> str:
+        """Short durability label for the result tables."""
+        if self.error:
+            return "unverified"
+        f, d = self.file_fsync, self.dir_fsync
+        if f == "before rename" and d != "no":
+            return "file+dir fsync"
+        if f == "before rename":
+            return "file fsync only"
+        if f == "AFTER rename":
+            return "fsync after rename" + (" +dir" if d != "no" else "")
+        return "dir fsync only" if d != "no" else "no fsync"
+
+    @property
+    def durable(self) -> bool:
+        """True when a power cut right after return keeps the new content."""
+        return self.label == "file+dir fsync"
+
+
+def _parse(name: str, text: str) -> Trace:
+    trace = Trace(name)
+    inside = False
+    fds: dict[int, tuple[str, bool]] = {}
+    for raw in text.splitlines():
+        m = _LINE.match(raw)
+        if m is None:
+            continue
+        call, args, result = m.group(1), m.group(2), m.group(3)
+        if call in _STAT_CALLS and BEGIN_MARK in args:
+            inside = True
+            continue
+        if call in _STAT_CALLS and END_MARK in args:
+            break
+        if not inside:
+            continue
+        trace.calls.append(_PREFIX.sub("", raw))
+        paths = _QUOTED.findall(args)
+        if call in ("open", "openat", "openat2") and result.lstrip("-").isdigit():
+            fd = int(result)
+            if fd >= 0 and paths:
+                path = paths[0]
+                is_dir = "O_DIRECTORY" in args or os.path.isdir(path)
+                fds[fd] = (path, is_dir)
+        elif call == "close":
+            fds.pop(int(args.strip()), None)
+        elif call in ("fsync", "fdatasync") and result == "0":
+            fd = int(args.strip())
+            _, is_dir = fds.get(fd, ("?", False))
+            trace.events.append(f"fsync {'dir' if is_dir else 'file'}")
+        elif call in ("rename", "renameat", "renameat2", "link", "linkat") and result == "0":
+            trace.events.append(f"{call} {' -> '.join(os.path.basename(p) for p in paths)}")
+    if not inside:
+        trace.error = "markers not found in strace output"
+    return trace
+
+
+def trace_writer(name: str, work_dir: Path, payload_kind: str = "bytes") -> Trace:
+    """Trace one overwrite of an existing file by writer ``name`` in a child process."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return Trace(name, error="strace not installed")
+    sub = Path(tempfile.mkdtemp(prefix="strace-", dir=work_dir))
+    out = sub / "strace.out"
+    cmd = [
+        strace,
+        "-f",
+        "-qq",
+        "-s",
+        "200",
+        "-o",
+        str(out),
+        sys.executable,
+        "-m",
+        "benchmarks.strace_peers",
+        "--child",
+        name,
+        str(sub),
+        payload_kind,
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT), str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT, check=False
+        )
+        if proc.returncode != 0:
+            return Trace(name, error=f"child failed: {proc.stderr.strip()[-300:]}")
+        return _parse(name, out.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Trace(name, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(sub, ignore_errors=True)
+
+
+def _child(name: str, directory: str, payload_kind: str) -> None:
+    from benchmarks._writers import WRITERS_BY_NAME
+
+    writer = WRITERS_BY_NAME[name]
+    target = os.path.join(directory, "target.dat")
+    data: bytes | str = b"x" * 4096 if payload_kind == "bytes" else "x" * 4096
+    with open(target, "wb") as f:
+        f.write(b"old content\n")
+    writer.fn(target, data)  # warm-up: imports, caches
+    for mark in (BEGIN_MARK, END_MARK):
+        try:
+            os.stat(os.path.join(directory, mark))
+        except FileNotFoundError:
+            pass
+        if mark == BEGIN_MARK:
+            writer.fn(target, data)
+    with open(target, "rb") as f:
+        got = f.read()
+    expected = data.encode() if isinstance(data, str) else data
+    if got != expected:
+        raise SystemExit(f"{name}: target has wrong content after the write")
+
+
+def verify_all(work_dir: Path) -> dict[str, Trace]:
+    """Trace every available writer once; keyed by writer name."""
+    from benchmarks._writers import WRITERS
+
+    return {w.name: trace_writer(w.name, work_dir) for w in WRITERS if w.available()}
+
+
+def durability_table(traces: dict[str, Trace]) -> str:
+    """Markdown table of what strace showed for each writer."""
+    rows = []
+    for name, t in traces.items():
+        if t.error:
+            rows.append([name, "?", "?", "?", f"unverified ({t.error})"])
+        else:
+            rows.append([name, t.file_fsync, t.dir_fsync, t.commit, t.label])
+    return md_table(["contender", "fsync(file)", "fsync(dir)", "commit", "durability"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=3, metavar=("NAME", "DIR", "KIND"), help=argparse.SUPPRESS)
+    parser.add_argument("--show", metavar="NAME", action="append", help="print all syscalls")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: $TMPDIR)")
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(*args.child)
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="htmlgraph-strace-", dir=args.dir))
+    try:
+        if args.show:
+            for name in args.show:
+                t = trace_writer(name, work)
+                print(f"## {name}: {t.label}" + (f" ({t.error})" if t.error else ""))
+                print(f"{len(t.calls)} syscalls for one 4 KiB overwrite of an existing file:")
+                for c in t.calls:
+                    print("   ", c)
+                print()
+            return 0
+        print(durability_table(verify_all(work)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
