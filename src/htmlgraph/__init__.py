@@ -1,0 +1,28 @@
+"""htmlgraph: share a directory between processes without corrupting or losing a file.
+
+Everything public lives in :mod:`htmlgraph.atomic_ops` and
+:mod:`htmlgraph.session_registry`; this module only re-exports it.
+"""
+
+from htmlgraph.atomic_ops import (
+    AtomicFileWriter,
+    atomic_json_write,
+    atomic_rename,
+    atomic_write,
+    cleanup_orphaned_temp_files,
+    safe_temp_file,
+    validate_atomic_write,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtomicFileWriter",
+    "__version__",
+    "atomic_json_write",
+    "atomic_rename",
+    "atomic_write",
+    "cleanup_orphaned_temp_files",
+    "safe_temp_file",
+    "validate_atomic_write",
+]

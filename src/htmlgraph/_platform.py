@@ -1,0 +1,270 @@
+"""The operating-system specific calls, kept in one place.
+
+Everything that differs between Linux, macOS and Windows lives here so that
+:mod:`htmlgraph.atomic_ops` reads platform-free:
+
+* how to make a file's data durable (``fsync``; ``F_FULLFSYNC`` on macOS),
+* how to make a directory entry durable (``fsync`` of the directory on POSIX,
+  nothing on Windows, where directories cannot be opened for syncing),
+* how to replace a file (``os.replace``; on Windows with a short bounded retry
+  on sharing violations),
+* how to tell whether a process is alive, and when it started (to detect a
+  reused pid).
+
+The Windows and macOS branches cannot run on the Linux CI machine; they are
+type-checked with ``mypy --platform win32`` / ``--platform darwin`` and unit
+tested by simulation (the branch is chosen by the ``IS_WINDOWS`` / ``IS_MACOS``
+flags, which tests may patch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import socket
+import sys
+import time
+from functools import lru_cache
+
+__all__ = [
+    "IS_MACOS",
+    "IS_WINDOWS",
+    "chmod_fd",
+    "fsync_dir",
+    "fsync_file",
+    "hostname",
+    "keep_owner",
+    "pid_exists",
+    "process_start_token",
+    "replace",
+]
+
+IS_WINDOWS = sys.platform == "win32"
+IS_MACOS = sys.platform == "darwin"
+
+# Windows: a replace that races an open handle on the target fails with
+# ERROR_ACCESS_DENIED (5) or ERROR_SHARING_VIOLATION (32) surfacing as
+# PermissionError (Eryk Sun on bpo-46003). Retry briefly; never on POSIX, where
+# EACCES is a real permission problem.
+_WINDOWS_REPLACE_ATTEMPTS = 10
+_WINDOWS_REPLACE_FIRST_DELAY = 0.001
+_WINDOWS_REPLACE_MAX_DELAY = 0.1
+
+
+def fsync_file(fd: int) -> None:
+    """Flush a file's data and metadata to stable storage.
+
+    On macOS ``fsync`` only reaches the drive's cache; ``fcntl(F_FULLFSYNC)``
+    asks the drive to flush it (Apple's fsync(2) man page). Some filesystems
+    (SMB, some FUSE mounts) reject ``F_FULLFSYNC`` with ENOTSUP/EINVAL; then we
+    fall back to ``fsync``, as SQLite's ``full_fsync`` does.
+
+    An error from ``fsync`` itself is final: the kernel may already have
+    dropped the dirty pages and cleared the error, so a retry could "succeed"
+    without the data (PostgreSQL "fsyncgate"). Callers must not retry.
+    """
+    if IS_MACOS and _full_fsync(fd):
+        return
+    os.fsync(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` durable (POSIX); no-op on Windows.
+
+    After ``rename`` the new name lives only in the directory's cached pages
+    until the directory itself is synced (SQLite ``unixSync``; atomic-write-file
+    0.2.0). Windows cannot open a directory for ``FlushFileBuffers`` without
+    backup semantics, and NTFS journals the rename itself.
+    """
+    if IS_WINDOWS:
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fsync_file(fd)
+    finally:
+        os.close(fd)
+
+
+def replace(src: str, dst: str) -> None:
+    """Atomically rename ``src`` onto ``dst``, replacing ``dst`` if it exists.
+
+    On Windows a reader holding the target open makes ``MoveFileExW`` fail with
+    a sharing violation for a moment; retry with jittered backoff for at most
+    about half a second, then raise the last ``PermissionError``.
+    """
+    if not IS_WINDOWS:
+        os.replace(src, dst)
+        return
+    delay = _WINDOWS_REPLACE_FIRST_DELAY
+    for attempt in range(_WINDOWS_REPLACE_ATTEMPTS):
+        try:
+            os.replace(src, dst)
+        except PermissionError:
+            if attempt == _WINDOWS_REPLACE_ATTEMPTS - 1:
+                raise
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
+            delay = min(delay * 2, _WINDOWS_REPLACE_MAX_DELAY)
+        else:
+            return
+
+
+@lru_cache(maxsize=1)
+def hostname() -> str:
+    """Return this machine's host name (cached: it names lock and temp owners)."""
+    return socket.gethostname()
+
+
+def pid_exists(pid: int) -> bool:
+    """Return whether a process with id ``pid`` exists on this host.
+
+    POSIX uses ``kill(pid, 0)``: EPERM means the process exists but belongs to
+    someone else. On Windows ``os.kill`` with signal 0 *terminates* the target
+    (python-list, 2016-06-30), so we ask ``OpenProcess`` instead.
+    """
+    if pid <= 0:
+        return False
+    if IS_WINDOWS:
+        return _windows_pid_exists(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@lru_cache(maxsize=1)
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start_token(pid: int) -> str | None:
+    """Return a token that changes when ``pid`` is reused, or None if unknown.
+
+    Linux: the process start time in clock ticks since boot
+    (``/proc/<pid>/stat`` field 22, see proc(5)) joined with the boot id, so a
+    reboot also changes it. Windows: the process creation time from
+    ``GetProcessTimes``. Elsewhere (macOS included) None: liveness is then
+    judged by pid existence alone.
+
+    The token is read when asked, never cached per process: a forked child
+    has its own start time.
+    """
+    if IS_WINDOWS:
+        return _windows_start_token(pid)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces or
+    # ')' itself, so split after the *last* ')'. Field 22 is then index 19.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) < 20:
+        return None
+    return f"{_boot_id()}:{fields[19].decode('ascii')}"
+
+
+if sys.platform != "win32":
+    import fcntl
+
+    def _full_fsync(fd: int) -> bool:
+        """Try macOS ``F_FULLFSYNC``; return False where it is not available."""
+        full_fsync = getattr(fcntl, "F_FULLFSYNC", None)
+        if full_fsync is None:
+            return False
+        try:
+            fcntl.fcntl(fd, full_fsync)
+        except OSError as exc:
+            # SMB and some FUSE mounts refuse it: fall back to fsync (SQLite
+            # full_fsync, golang/go PR #64258). Other errors are real.
+            if exc.errno in (errno.ENOTSUP, errno.EINVAL, errno.ENOTTY):
+                return False
+            raise
+        return True
+
+    def chmod_fd(fd: int, mode: int) -> None:
+        """Set the mode bits of the open file ``fd`` (``fchmod``)."""
+        os.fchmod(fd, mode)
+
+    def keep_owner(fd: int, uid: int, gid: int) -> None:
+        """Best-effort: give the open file ``fd`` this owner and group.
+
+        Only root (CAP_CHOWN) may give a file away, and a user may only pick
+        a group they belong to; anything refused is left as the kernel made
+        it (the mode is still kept). Negative ids do nothing.
+        """
+        if uid < 0 or (uid, gid) == (os.geteuid(), os.getegid()):
+            return
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, uid, gid)
+
+
+if sys.platform == "win32":
+    import ctypes
+    from ctypes import wintypes
+
+    _PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+    _STILL_ACTIVE = 259
+
+    _kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+
+    def _open_process(pid: int) -> int:
+        handle: int = _kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+        return handle
+
+    def _windows_pid_exists(pid: int) -> bool:
+        handle = _open_process(pid)
+        if not handle:
+            # ERROR_ACCESS_DENIED means it exists but is protected.
+            return ctypes.get_last_error() == 5
+        try:
+            code = wintypes.DWORD()
+            if not _kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+                return True
+            return code.value == _STILL_ACTIVE
+        finally:
+            _kernel32.CloseHandle(handle)
+
+    def _windows_start_token(pid: int) -> str | None:
+        handle = _open_process(pid)
+        if not handle:
+            return None
+        try:
+            created, exited, kernel, user = (wintypes.FILETIME() for _ in range(4))
+            ok = _kernel32.GetProcessTimes(
+                handle,
+                ctypes.byref(created),
+                ctypes.byref(exited),
+                ctypes.byref(kernel),
+                ctypes.byref(user),
+            )
+            if not ok:
+                return None
+            return str((created.dwHighDateTime << 32) | created.dwLowDateTime)
+        finally:
+            _kernel32.CloseHandle(handle)
+
+    def _full_fsync(fd: int) -> bool:
+        return False
+
+    def chmod_fd(fd: int, mode: int) -> None:
+        """No-op: Windows keeps only a read-only flag, which a new temp never has."""
+
+    def keep_owner(fd: int, uid: int, gid: int) -> None:
+        """No-op: Windows files have ACLs, not POSIX owners."""
+
+else:
+
+    def _windows_pid_exists(pid: int) -> bool:
+        raise OSError(errno.ENOSYS, "Windows process query called on a non-Windows platform")
+
+    def _windows_start_token(pid: int) -> str | None:
+        raise OSError(errno.ENOSYS, "Windows process query called on a non-Windows platform")
