@@ -1,0 +1,226 @@
+"""The OS-specific seams of ``htmlgraph._platform``.
+
+Linux paths run for real. The Windows and macOS branches cannot run here, so
+they are exercised by simulation: the ``IS_WINDOWS`` / ``IS_MACOS`` flags are
+patched and the OS call underneath is replaced by a recorder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from htmlgraph import _platform
+
+if sys.platform == "win32":
+    pytest.skip("POSIX behaviour; Windows is simulated below", allow_module_level=True)
+
+
+class FlakyReplace:
+    """os.replace stand-in that fails with PermissionError ``failures`` times."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def __call__(self, src: str, dst: str) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise PermissionError(errno.EACCES, "sharing violation", dst)
+        os.rename(src, dst)
+
+
+def test_windows_replace_retries_sharing_violations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_text("new")
+    dst.write_text("old")
+    flaky = FlakyReplace(failures=3)
+    sleeps: list[float] = []
+    monkeypatch.setattr(_platform, "IS_WINDOWS", True)
+    monkeypatch.setattr(os, "replace", flaky)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    _platform.replace(str(src), str(dst))
+    assert flaky.calls == 4
+    assert len(sleeps) == 3
+    assert all(0 < s <= _platform._WINDOWS_REPLACE_MAX_DELAY * 1.5 for s in sleeps)
+    assert dst.read_text() == "new"
+    assert not src.exists()
+
+
+def test_windows_replace_gives_up_after_bounded_attempts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_text("new")
+    dst.write_text("old")
+    flaky = FlakyReplace(failures=10_000)
+    sleeps: list[float] = []
+    monkeypatch.setattr(_platform, "IS_WINDOWS", True)
+    monkeypatch.setattr(os, "replace", flaky)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    with pytest.raises(PermissionError):
+        _platform.replace(str(src), str(dst))
+    assert flaky.calls == _platform._WINDOWS_REPLACE_ATTEMPTS
+    assert sum(sleeps) < 1.0  # bounded: about half a second in all
+    assert dst.read_text() == "old"
+
+
+def test_posix_replace_never_retries_permission_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flaky = FlakyReplace(failures=1)
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(PermissionError):
+        _platform.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert flaky.calls == 1
+
+
+def test_windows_has_no_directory_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr(_platform, "IS_WINDOWS", True)
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a[0]))
+    _platform.fsync_dir(str(tmp_path))
+    assert opened == []
+
+
+@pytest.mark.parametrize(
+    ("fcntl_error", "expect_fsync"),
+    [(None, False), (errno.ENOTSUP, True), (errno.EINVAL, True)],
+)
+def test_macos_full_fsync_and_its_fallback(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fcntl_error: int | None,
+    expect_fsync: bool,
+) -> None:
+    calls: list[str] = []
+
+    def fake_fcntl(fd: int, cmd: int) -> int:
+        calls.append(f"fcntl:{cmd}")
+        if fcntl_error is not None:
+            raise OSError(fcntl_error, os.strerror(fcntl_error))
+        return 0
+
+    monkeypatch.setattr(_platform, "IS_MACOS", True)
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)
+    monkeypatch.setattr(fcntl, "fcntl", fake_fcntl)
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    with open(tmp_path / "f", "wb") as f:
+        _platform.fsync_file(f.fileno())
+    assert calls == (["fcntl:51", "fsync"] if expect_fsync else ["fcntl:51"])
+
+
+def test_macos_full_fsync_real_errors_propagate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(fd: int, cmd: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_platform, "IS_MACOS", True)
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)
+    monkeypatch.setattr(fcntl, "fcntl", failing)
+    with open(tmp_path / "f", "wb") as f, pytest.raises(OSError, match="Input/output") as info:
+        _platform.fsync_file(f.fileno())
+    assert info.value.errno == errno.EIO
+
+
+def test_fsync_dir_really_syncs_a_directory(tmp_path: Path) -> None:
+    _platform.fsync_dir(str(tmp_path))  # must not raise on a local filesystem
+    with pytest.raises(FileNotFoundError):
+        _platform.fsync_dir(str(tmp_path / "missing"))
+
+
+def test_pid_exists() -> None:
+    assert _platform.pid_exists(os.getpid())
+    assert not _platform.pid_exists(0)
+    assert not _platform.pid_exists(-5)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert proc.wait(timeout=30) == 0
+    assert not _platform.pid_exists(proc.pid)
+
+
+def _report_token(queue: multiprocessing.Queue[tuple[int, str | None]]) -> None:
+    queue.put((os.getpid(), _platform.process_start_token(os.getpid())))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_start_token_is_per_process_and_read_at_call_time() -> None:
+    mine = _platform.process_start_token(os.getpid())
+    assert mine is not None
+    assert mine == _platform.process_start_token(os.getpid())
+    ctx = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[tuple[int, str | None]] = ctx.Queue()
+    child = ctx.Process(target=_report_token, args=(queue,))
+    child.start()
+    pid, token = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert pid == child.pid
+    assert token is not None
+    assert token != mine, "a forked child has its own start time"
+
+
+def test_start_token_of_a_dead_pid_is_none() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert proc.wait(timeout=30) == 0
+    assert _platform.process_start_token(proc.pid) is None
+
+
+def test_start_token_parses_a_command_name_with_parentheses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fields = " ".join(str(n) for n in range(3, 30))
+    stat = tmp_path / "stat"
+    stat.write_bytes(f"42 (evil) name) ) {fields}\n".encode())
+    real_open = open
+
+    def fake_open(path: str, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if path == "/proc/42/stat":
+            return real_open(stat, mode)
+        return real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload,unused-ignore]
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    token = _platform.process_start_token(42)
+    assert token is not None
+    assert token.endswith(":22")  # field 22 of proc(5)
+
+
+def test_hostname_is_stable() -> None:
+    assert _platform.hostname() == _platform.hostname()
+    assert _platform.hostname()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file away")
+def test_keep_owner_as_root(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _platform.keep_owner(fd, 65534, 65534)
+    finally:
+        os.close(fd)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+def test_keep_owner_ignores_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int, int]] = []
+
+    def refuse(fd: int, uid: int, gid: int) -> None:
+        calls.append((fd, uid, gid))
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refuse)
+    _platform.keep_owner(7, 12345, 12345)
+    _platform.keep_owner(7, os.geteuid(), os.getegid())  # already ours: no call
+    _platform.keep_owner(7, -1, -1)  # unknown: no call
+    assert calls == [(7, 12345, 12345)]
