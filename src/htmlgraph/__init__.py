@@ -6,6 +6,8 @@ Everything public lives in :mod:`htmlgraph.atomic_ops` and
 
 from htmlgraph.atomic_ops import (
     AtomicFileWriter,
+    DirectoryLocker,
+    LockTimeout,
     atomic_json_write,
     atomic_rename,
     atomic_write,
@@ -18,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AtomicFileWriter",
+    "DirectoryLocker",
+    "LockTimeout",
     "__version__",
     "atomic_json_write",
     "atomic_rename",

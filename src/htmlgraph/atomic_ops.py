@@ -40,9 +40,12 @@ from types import TracebackType
 from typing import IO, AnyStr, Generic, Literal, Union, cast, overload
 
 from htmlgraph import _platform
+from htmlgraph._locker import DirectoryLocker, LockTimeout
 
 __all__ = [
     "AtomicFileWriter",
+    "DirectoryLocker",
+    "LockTimeout",
     "atomic_json_write",
     "atomic_rename",
     "atomic_write",
