@@ -6,6 +6,7 @@ import gc
 import importlib
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -110,28 +111,32 @@ def round_robin(
     *,
     warmup: int = 1,
     before_each: Callable[[], None] | None = None,
+    seed: int = 12345,
 ) -> dict[str, Series]:
     """Time each contender ``reps`` times, interleaved.
 
-    Every repetition runs every contender once; the starting contender rotates
-    each repetition so no one always runs right after the same neighbour (page
-    cache and writeback state carry over between calls). Drift of the machine
-    (other tenants, writeback storms) therefore hits all contenders alike. The
-    garbage collector is paused during a timed call and run between
-    repetitions, the same for everybody.
+    Every repetition runs every contender once, in a fresh random order: each
+    contender sits at every position and next to every neighbour equally
+    often, so neither machine drift (other tenants, writeback storms) nor what
+    the previous call left behind (dirty pages that the next fsync must
+    write under ext4 data=ordered) favours anyone. ``before_each`` runs
+    untimed before every call (the write cases pass ``os.sync`` so each call
+    starts with a clean page cache). The garbage collector is paused during
+    timed calls and run between repetitions, the same for everybody.
     """
     results = {name: Series(name) for name, _ in contenders}
-    n = len(contenders)
+    rng = random.Random(seed)
+    order = list(contenders)
     for _ in range(warmup):
         for _, op in contenders:
             op()
     gc.collect()
     perf = time.perf_counter
     for rep in range(reps):
+        rng.shuffle(order)
         gc.disable()
         try:
-            for k in range(n):
-                name, op = contenders[(rep + k) % n]
+            for name, op in order:
                 if before_each is not None:
                     before_each()
                 t0 = perf()

@@ -172,6 +172,7 @@ def _have_ours(name: str) -> Callable[[], bool]:
 WRITERS: list[Writer] = [
     Writer("floor-durable", floor_durable, "floor", lambda: True),
     Writer("floor-fast", floor_fast, "floor", lambda: True),
+    Writer("open(w).write (not atomic)", plain_write, "baseline", lambda: True),
     Writer("htmlgraph atomic_write", ours_durable, "ours", _have_ours("atomic_write")),
     Writer(
         "htmlgraph atomic_write(durable=False)", ours_fast, "ours", _have_ours("atomic_write")

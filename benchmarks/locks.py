@@ -1,0 +1,355 @@
+"""Lock benchmarks: uncontended acquire+release, and 8-process throughput.
+
+Each library is used the way its docs show, with its default polling policy
+(filelock polls every 50 ms, fasteners backs off 10-100 ms, portalocker's
+``Lock`` checks every 250 ms). The low-level ``portalocker.lock(fh, flags)``
+blocks in the kernel instead, which is the fastest way to use flock at all.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import Op, fmt_ratio, md_table, ours, round_robin
+from benchmarks.writes import CaseResult, Row
+
+Acquire = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class LockPair:
+    """Shared and exclusive acquire/release for one library."""
+
+    acquire_shared: Acquire
+    release_shared: Acquire
+    acquire_exclusive: Acquire
+    release_exclusive: Acquire
+    has_shared: bool
+
+
+def _checked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Acquire:
+    def call() -> None:
+        if fn(*args, **kwargs) is False:
+            raise RuntimeError(f"{fn!r} failed to acquire")
+
+    return call
+
+
+def make_lock(lib: str, lock_dir: str) -> LockPair:
+    """Build library ``lib``'s lock on ``lock_dir`` (a directory it may use)."""
+    path = os.path.join(lock_dir, "the.lock")
+    if lib == "htmlgraph DirectoryLocker":
+        locker = ours("DirectoryLocker")(lock_dir)
+        return LockPair(
+            _checked(locker.acquire_shared_lock, timeout=120),
+            locker.release_lock,
+            _checked(locker.acquire_exclusive_lock, timeout=120),
+            locker.release_lock,
+            True,
+        )
+    if lib in ("filelock.FileLock", "filelock.SoftFileLock"):
+        import filelock
+
+        cls = filelock.FileLock if lib == "filelock.FileLock" else filelock.SoftFileLock
+        fl = cls(path)
+        return LockPair(fl.acquire, fl.release, fl.acquire, fl.release, False)
+    if lib == "fasteners.InterProcessLock":
+        import fasteners  # type: ignore[import-untyped]
+
+        ipl = fasteners.InterProcessLock(path)
+        return LockPair(ipl.acquire, ipl.release, ipl.acquire, ipl.release, False)
+    if lib == "fasteners.InterProcessReaderWriterLock":
+        import fasteners
+
+        rw = fasteners.InterProcessReaderWriterLock(path)
+        return LockPair(
+            rw.acquire_read_lock,
+            rw.release_read_lock,
+            rw.acquire_write_lock,
+            rw.release_write_lock,
+            True,
+        )
+    if lib == "portalocker.Lock":
+        import portalocker
+
+        pl = portalocker.Lock(path, timeout=120)
+        return LockPair(pl.acquire, pl.release, pl.acquire, pl.release, False)
+    if lib == "portalocker.lock(fh)":
+        import portalocker
+
+        fh = open(path, "a")  # noqa: SIM115 - held for the lifetime of the benchmark
+        return LockPair(
+            lambda: portalocker.lock(fh, portalocker.LockFlags.SHARED),
+            lambda: portalocker.unlock(fh),
+            lambda: portalocker.lock(fh, portalocker.LockFlags.EXCLUSIVE),
+            lambda: portalocker.unlock(fh),
+            True,
+        )
+    raise ValueError(lib)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def available_libs() -> list[str]:
+    """The lock libraries that can run here (ours first)."""
+    libs = []
+    if ours("DirectoryLocker") is not None:
+        libs.append("htmlgraph DirectoryLocker")
+    if _importable("filelock"):
+        libs += ["filelock.FileLock", "filelock.SoftFileLock"]
+    if _importable("fasteners"):
+        libs += ["fasteners.InterProcessLock", "fasteners.InterProcessReaderWriterLock"]
+    if _importable("portalocker"):
+        libs += ["portalocker.Lock", "portalocker.lock(fh)"]
+    return libs
+
+
+MECHANISM = {
+    "floor-marker": "O_EXCL create + close + unlink, bare os calls",
+    "floor-flock": "flock(LOCK_EX) + flock(LOCK_UN) on an open fd",
+    "htmlgraph DirectoryLocker": "marker files (publish, then scan)",
+    "filelock.FileLock": "flock(2), exclusive only",
+    "filelock.SoftFileLock": "O_EXCL marker file, exclusive only",
+    "fasteners.InterProcessLock": "lockf(3), exclusive only",
+    "fasteners.InterProcessReaderWriterLock": "lockf(3) shared/exclusive",
+    "portalocker.Lock": "flock(2), opens the file per acquire, exclusive",
+    "portalocker.lock(fh)": "flock(2) on a held handle, blocking",
+}
+
+
+def _floor_marker(d: str) -> Op:
+    marker = os.path.join(d, ".lock-floor")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+    def op() -> None:
+        os.close(os.open(marker, flags, 0o644))
+        os.unlink(marker)
+
+    return op
+
+
+def _floor_flock(d: str) -> Op:
+    fd = os.open(os.path.join(d, "flock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def op() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    return op
+
+
+def _cycle(acquire: Acquire, release: Acquire) -> Op:
+    def op() -> None:
+        acquire()
+        release()
+
+    return op
+
+
+def bench_uncontended(base: Path, quick: bool, log: Callable[[str], None]) -> CaseResult:
+    """Acquire+release with nobody else around, every library interleaved."""
+    contenders: list[tuple[str, Op]] = []
+    labels: dict[str, str] = {}
+
+    def new_dir(i: int) -> str:
+        d = base / "uncontended" / f"c{i}"
+        d.mkdir(parents=True)
+        return str(d)
+
+    contenders.append(("floor-marker", _floor_marker(new_dir(0))))
+    contenders.append(("floor-flock", _floor_flock(new_dir(1))))
+    labels["floor-marker"] = MECHANISM["floor-marker"]
+    labels["floor-flock"] = MECHANISM["floor-flock"]
+    for i, lib in enumerate(available_libs(), start=2):
+        pair = make_lock(lib, new_dir(i))
+        if pair.has_shared:
+            contenders.append((f"{lib} shared", _cycle(pair.acquire_shared, pair.release_shared)))
+            labels[f"{lib} shared"] = MECHANISM[lib]
+            pair_x = make_lock(lib, new_dir(100 + i))
+            name = f"{lib} exclusive"
+            contenders.append((name, _cycle(pair_x.acquire_exclusive, pair_x.release_exclusive)))
+            labels[name] = MECHANISM[lib]
+        else:
+            contenders.append((lib, _cycle(pair.acquire_exclusive, pair.release_exclusive)))
+            labels[lib] = MECHANISM[lib]
+    reps = 300 if quick else 2000
+    log(f"locks uncontended: {len(contenders)} contenders x {reps} reps")
+    series = round_robin(contenders, reps, warmup=3)
+    case = CaseResult("Lock acquire+release, uncontended")
+    for name, _ in contenders:
+        case.rows.append(Row(name, labels[name], series[name]))
+    shutil.rmtree(base / "uncontended")
+    return case
+
+
+# --- throughput -----------------------------------------------------------------------
+
+
+def _throughput_worker(
+    lib: str,
+    lock_dir: str,
+    counter: str,
+    read_pct: int,
+    duration: float,
+    barrier: Barrier,
+    results: Any,
+    seed: int,
+) -> None:
+    pair = make_lock(lib, lock_dir)
+    rng = random.Random(seed)
+    reads = writes = torn = 0
+    barrier.wait(timeout=120)
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if rng.random() * 100 < read_pct:
+            pair.acquire_shared()
+            try:
+                with open(counter, encoding="ascii") as f:
+                    if not f.read().strip():
+                        torn += 1  # a writer was mid-update: the lock let us overlap
+            finally:
+                pair.release_shared()
+            reads += 1
+        else:
+            pair.acquire_exclusive()
+            try:
+                # Read-modify-write in place (truncate, then write): a lost update
+                # or a torn read shows any failure of mutual exclusion.
+                with open(counter, "r+", encoding="ascii") as f:
+                    value = int(f.read())
+                    f.seek(0)
+                    f.truncate()
+                    f.write(str(value + 1))
+            finally:
+                pair.release_exclusive()
+            writes += 1
+    results.put((reads, writes, torn))
+
+
+@dataclass
+class Throughput:
+    """One library at one read share."""
+
+    lib: str
+    read_pct: int
+    ops: int
+    seconds: float
+    lost_updates: int
+    torn_reads: int
+
+    @property
+    def ops_per_s(self) -> float:
+        """Operations per second, all processes together."""
+        return self.ops / self.seconds
+
+
+def _run_throughput(
+    lib: str, base: Path, read_pct: int, procs: int, duration: float, seed: int
+) -> Throughput:
+    ctx = mp.get_context("fork")
+    run_dir = base / f"tp-{seed}"
+    lock_dir = run_dir / "locks"
+    lock_dir.mkdir(parents=True)
+    counter = run_dir / "counter"
+    counter.write_text("0", encoding="ascii")
+    barrier = ctx.Barrier(procs)
+    results = ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_throughput_worker,
+            args=(lib, str(lock_dir), str(counter), read_pct, duration, barrier, results, seed + i),
+        )
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    got = [results.get(timeout=duration + 180) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+        if w.exitcode != 0:
+            raise RuntimeError(f"{lib}: worker exit code {w.exitcode}")
+    reads = sum(g[0] for g in got)
+    writes = sum(g[1] for g in got)
+    torn = sum(g[2] for g in got)
+    final = int(counter.read_text(encoding="ascii") or "0")
+    shutil.rmtree(run_dir)
+    return Throughput(lib, read_pct, reads + writes, duration, writes - final, torn)
+
+
+def bench_throughput(
+    base: Path, quick: bool, log: Callable[[str], None], procs: int = 8
+) -> tuple[str, list[Throughput]]:
+    """``procs`` processes hammering one lock at 0/50/95 % reads, every library."""
+    libs = available_libs()
+    duration = 0.5 if quick else 1.5
+    rounds = 1 if quick else 2
+    mixes = (0, 50, 95)
+    log(
+        f"locks throughput: {len(libs)} libs x {len(mixes)} mixes x {rounds} rounds "
+        f"x {duration}s, {procs} processes"
+    )
+    acc: dict[tuple[str, int], Throughput] = {}
+    seed = 1000
+    for rnd in range(rounds):
+        for mix in mixes:
+            # Rotate the library order per round so no library always runs first.
+            order = libs[rnd % len(libs) :] + libs[: rnd % len(libs)]
+            for lib in order:
+                seed += 100
+                t = _run_throughput(lib, base, mix, procs, duration, seed)
+                prev = acc.get((lib, mix))
+                if prev is not None:
+                    t = Throughput(
+                        lib,
+                        mix,
+                        prev.ops + t.ops,
+                        prev.seconds + t.seconds,
+                        prev.lost_updates + t.lost_updates,
+                        prev.torn_reads + t.torn_reads,
+                    )
+                acc[(lib, mix)] = t
+    rows = []
+    for lib in libs:
+        row = [lib]
+        bad = 0
+        for mix in mixes:
+            t = acc[(lib, mix)]
+            row.append(f"{t.ops_per_s:,.0f}")
+            bad += t.lost_updates + t.torn_reads
+        ours_row = acc.get(("htmlgraph DirectoryLocker", 0))
+        row.append(
+            fmt_ratio(acc[(lib, 0)].ops_per_s / ours_row.ops_per_s) if ours_row else "-"
+        )
+        row.append(str(bad))
+        rows.append(row)
+    headers = [
+        "library",
+        *(f"ops/s @ {m}% reads" for m in mixes),
+        "vs ours @ 0%",
+        "violations",
+    ]
+    table = (
+        f"### Lock throughput, {procs} processes, {duration * rounds:.1f} s per cell\n\n"
+        + md_table(headers, rows)
+        + "\n\nOne op = acquire, read (shared) or read-modify-write of a counter file "
+        "(exclusive), release. Exclusive-only locks take the exclusive lock for reads too. "
+        "violations = lost counter updates + reads that saw a half-written counter "
+        "(must be 0 for a correct lock)."
+    )
+    return table, list(acc.values())

@@ -1,0 +1,252 @@
+"""Run every benchmark and print one Markdown report.
+
+Usage::
+
+    python -m benchmarks.run            # full run (~10 minutes on 2 cores)
+    python -m benchmarks.run --quick    # short run (~2 minutes)
+    python benchmarks/run.py --only writes,locks --out report.md
+
+Contenders are interleaved round-robin inside each case, so drift of the
+machine hits all of them alike; each row reports the median and the ratio to
+the syscall floor measured in the same case of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import fmt_ratio, machine_info, md_table, peer_versions  # noqa: E402
+from benchmarks.cleanup import CleanupPoint, bench_cleanup  # noqa: E402
+from benchmarks.locks import bench_throughput, bench_uncontended  # noqa: E402
+from benchmarks.strace_peers import Trace, durability_table, verify_all  # noqa: E402
+from benchmarks.writes import CaseResult, bench_json, bench_reads, bench_sizes  # noqa: E402
+
+SECTIONS = ("writes", "json", "reads", "locks", "throughput", "cleanup")
+OURS_D = "htmlgraph atomic_write"
+OURS_F = "htmlgraph atomic_write(durable=False)"
+
+
+class Log:
+    """Progress lines on stderr with the elapsed time."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("MET" if ok else "NOT MET")
+
+
+def evaluate_targets(
+    writes: list[CaseResult],
+    json_case: CaseResult | None,
+    traces: dict[str, Trace],
+    locks: CaseResult | None,
+    cleanup: list[CleanupPoint] | None,
+) -> str:
+    """Check the done-when targets of issues 5 and 3 against this run's numbers."""
+    rows: list[list[str]] = []
+    cases = [c for c in writes if c.median(OURS_D) is not None]
+
+    def worst(name: str, floor: str, subset: list[CaseResult]) -> tuple[float, str] | None:
+        vals = [(c.ratio(name, floor), c.title) for c in subset]
+        vals2 = [(v, t) for v, t in vals if v is not None]
+        return max(vals2) if vals2 else None
+
+    w = worst(OURS_D, "floor-durable", cases)
+    rows.append(
+        [
+            "durable write <= 1.10x floor-durable (every size, text and bytes)",
+            f"worst {fmt_ratio(w[0])} ({w[1]})" if w else "-",
+            _verdict(w[0] <= 1.10 if w else None),
+        ]
+    )
+    durable_peers = [n for n, t in traces.items() if t.durable and _is_peer(n)]
+    losses = []
+    for c in cases:
+        mine = c.median(OURS_D)
+        for p in durable_peers:
+            theirs = c.median(p)
+            if mine is not None and theirs is not None and mine >= theirs:
+                losses.append(f"{p} in {c.title} ({fmt_ratio(mine / theirs)})")
+    rows.append(
+        [
+            "durable write faster than every peer with file+dir fsync ("
+            + (", ".join(durable_peers) or "none")
+            + ")",
+            "; ".join(losses) or "faster in every case",
+            _verdict(not losses if cases and durable_peers else None),
+        ]
+    )
+    w = worst(OURS_F, "floor-fast", cases)
+    rows.append(
+        [
+            "durable=False write <= 1.25x floor-fast",
+            f"worst {fmt_ratio(w[0])} ({w[1]})" if w else "-",
+            _verdict(w[0] <= 1.25 if w else None),
+        ]
+    )
+    weak_peers = [n for n, t in traces.items() if not t.durable and _is_peer(n)]
+    losses = []
+    for c in cases:
+        mine = c.median(OURS_F)
+        for p in weak_peers:
+            theirs = c.median(p)
+            if mine is not None and theirs is not None and mine > theirs:
+                losses.append(f"{p} in {c.title} ({fmt_ratio(mine / theirs)})")
+    rows.append(
+        [
+            "durable=False write no slower than any non-durable peer ("
+            + ", ".join(weak_peers)
+            + ")",
+            "; ".join(losses) or "no slower in any case",
+            _verdict(not losses if cases else None),
+        ]
+    )
+    big = [c for c in cases if c.title.startswith(("Write 1 MiB", "Write 64 MiB"))]
+    wd = worst(OURS_D, "floor-durable", big)
+    wf = worst(OURS_F, "floor-fast", big)
+    rows.append(
+        [
+            ">= 1 MiB: overhead over the floor < 5 % (durable and fast)",
+            (f"worst durable {fmt_ratio(wd[0])}, fast {fmt_ratio(wf[0])}" if wd and wf else "-"),
+            _verdict(wd[0] < 1.05 and wf[0] < 1.05 if wd and wf else None),
+        ]
+    )
+    if json_case is not None:
+        jr = json_case.ratio("htmlgraph atomic_json_write", "json.dumps + floor-durable")
+        rows.append(
+            [
+                "(info) atomic_json_write vs json.dumps + floor-durable",
+                fmt_ratio(jr),
+                "info",
+            ]
+        )
+    if locks is not None:
+        soft = locks.median("filelock.SoftFileLock")
+        for mode in ("shared", "exclusive"):
+            mine = locks.median(f"htmlgraph DirectoryLocker {mode}")
+            r = mine / soft if mine is not None and soft else None
+            rows.append(
+                [
+                    f"uncontended {mode} acquire+release <= 1/3 of SoftFileLock (issue 3)",
+                    f"{fmt_ratio(r)} of SoftFileLock" if r is not None else "-",
+                    _verdict(r <= 1 / 3 if r is not None else None),
+                ]
+            )
+    if cleanup:
+        last, first = cleanup[-1], cleanup[0]
+        lin = (last.seconds / first.seconds) / (last.entries / first.entries)
+        mem = last.peak_bytes / max(first.peak_bytes, 1)
+        rows.append(
+            [
+                f"cleanup linear in entries ({first.entries:,} -> {last.entries:,})",
+                f"time ratio / size ratio = {lin:.2f} (1.00 = linear)",
+                _verdict(lin <= 1.3),
+            ]
+        )
+        rows.append(
+            [
+                "cleanup memory flat",
+                f"peak {first.peak_bytes / 1024:,.0f} KiB -> {last.peak_bytes / 1024:,.0f} KiB "
+                f"({mem:.2f}x for {last.entries // first.entries}x the entries)",
+                _verdict(mem <= 1.5),
+            ]
+        )
+    return "## Targets (issue 5, and issue 3's lock cost)\n\n" + md_table(
+        ["target", "this run", "verdict"], rows
+    )
+
+
+def _is_peer(name: str) -> bool:
+    return not name.startswith(("floor", "htmlgraph", "open("))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description="htmlgraph benchmarks (see docs/benchmarks.md)")
+    parser.add_argument("--quick", action="store_true", help="short run (~2 minutes)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: $TMPDIR)")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--no-strace", action="store_true", help="skip the durability check")
+    args = parser.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {sorted(unknown)}")
+    log = Log()
+    base = Path(tempfile.mkdtemp(prefix="htmlgraph-bench-", dir=args.dir))
+    out: list[str] = ["# htmlgraph benchmark report", ""]
+    cmd = "python -m benchmarks.run" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    info = machine_info(base)
+    out.append(md_table(["", ""], [["command", f"`{cmd}`"], *([k, v] for k, v in info.items())]))
+    out.append("")
+    out.append(
+        "Peers: " + ", ".join(f"{k} {v}" for k, v in peer_versions().items()) + ".",
+    )
+    out.append("")
+    try:
+        traces: dict[str, Trace] = {}
+        if not args.no_strace and only & {"writes", "json"}:
+            log("strace: verifying what each writer really syncs")
+            traces = verify_all(base)
+            out += ["## Durability, as strace shows it", "", durability_table(traces), ""]
+        writes: list[CaseResult] = []
+        json_case = None
+        locks = None
+        cleanup_points = None
+        if "writes" in only:
+            writes = bench_sizes(base, traces, args.quick, log)
+            out += ["## Writes (overwrite of an existing file)", ""]
+            for c in writes:
+                out += [c.table(), ""]
+        if "json" in only:
+            json_case = bench_json(base, traces, args.quick, log)
+            out += [
+                json_case.table(("json.dumps + floor-durable", "json.dumps + floor-fast")),
+                "",
+            ]
+        if "reads" in only:
+            out += ["## Reads", ""]
+            for c in bench_reads(base, args.quick, log):
+                out += [c.table(("open().read()",)), ""]
+        if "locks" in only:
+            locks = bench_uncontended(base, args.quick, log)
+            out += ["## Locks", ""]
+            out += [locks.table(("floor-marker", "filelock.SoftFileLock")), ""]
+        if "throughput" in only:
+            table, _ = bench_throughput(base, args.quick, log)
+            out += [table, ""]
+        if "cleanup" in only:
+            res = bench_cleanup(base, args.quick, log)
+            if res is not None:
+                table, cleanup_points = res
+                out += ["## Cleanup", "", table, ""]
+        out.append(evaluate_targets(writes, json_case, traces, locks, cleanup_points))
+        out.append("")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    log("done")
+    report = "\n".join(out)
+    print(report)
+    if args.out:
+        args.out.write_text(report, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

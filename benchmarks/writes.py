@@ -1,0 +1,237 @@
+"""Write benchmarks: payload sizes x text/bytes, the JSON document, and reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks._common import Op, Series, fmt_ratio, fmt_time, md_table, ours, round_robin
+from benchmarks._writers import JSON_WRITERS, WRITERS, Payload
+from benchmarks.strace_peers import Trace
+
+SIZES: list[tuple[str, int]] = [
+    ("100 B", 100),
+    ("4 KiB", 4 << 10),
+    ("1 MiB", 1 << 20),
+    ("64 MiB", 64 << 20),
+]
+
+# Repetitions per size: (full run, --quick). Small writes are dominated by
+# the two fsyncs (~1 ms here) and are noisy, so they get many samples.
+REPS: dict[int, tuple[int, int]] = {
+    100: (300, 40),
+    4 << 10: (300, 40),
+    1 << 20: (40, 8),
+    64 << 20: (5, 2),
+}
+
+
+@dataclass
+class Row:
+    """One contender's result in one case."""
+
+    name: str
+    durability: str
+    series: Series
+
+
+@dataclass
+class CaseResult:
+    """All contenders of one case, measured side by side."""
+
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    note: str = ""
+
+    def median(self, name: str) -> float | None:
+        """Median of contender ``name``, or None if it did not run."""
+        for r in self.rows:
+            if r.name == name:
+                return r.series.median
+        return None
+
+    def ratio(self, name: str, floor: str) -> float | None:
+        """``median(name) / median(floor)``."""
+        a, b = self.median(name), self.median(floor)
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def table(self, floors: Sequence[str] = ("floor-durable", "floor-fast")) -> str:
+        """Markdown table: median, IQR and the ratio to each floor."""
+        rows = []
+        for r in self.rows:
+            lo, hi = r.series.iqr
+            rows.append(
+                [
+                    r.name,
+                    r.durability,
+                    str(len(r.series.samples)),
+                    fmt_time(r.series.median),
+                    f"{fmt_time(lo)} - {fmt_time(hi)}",
+                    *(fmt_ratio(self.ratio(r.name, f)) for f in floors),
+                ]
+            )
+        headers = ["contender", "durability", "n", "median", "IQR", *("x " + f for f in floors)]
+        return f"### {self.title}\n\n" + md_table(headers, rows) + (
+            f"\n\n{self.note}" if self.note else ""
+        )
+
+
+def _payload(size: int, text: bool) -> Payload:
+    rng = random.Random(size)
+    if not text:
+        return rng.randbytes(size)
+    # ASCII lines so that every library's text mode writes the same bytes.
+    line = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789 ") for _ in range(79)) + "\n"
+    return (line * (size // len(line) + 1))[:size]
+
+
+def _label(traces: dict[str, Trace], name: str) -> str:
+    t = traces.get(name)
+    return t.label if t is not None else "unverified"
+
+
+def bench_sizes(
+    base: Path, traces: dict[str, Trace], quick: bool, log: Callable[[str], None]
+) -> list[CaseResult]:
+    """Every writer x every payload size x text/bytes, interleaved per case."""
+    writers = [w for w in WRITERS if w.available()]
+    results = []
+    for size_label, size in SIZES:
+        for text in (False, True):
+            kind = "text" if text else "bytes"
+            reps = REPS[size][1 if quick else 0]
+            payload = _payload(size, text)
+            case_dir = base / f"w-{size}-{kind}"
+            contenders: list[tuple[str, Op]] = []
+            for i, w in enumerate(writers):
+                d = case_dir / f"c{i}"
+                d.mkdir(parents=True)
+                target = str(d / "target.dat")
+                with open(target, "wb") as f:  # overwrite of an existing file
+                    f.write(b"old\n")
+                contenders.append((w.name, _bind(w.fn, target, payload)))
+            log(f"writes: {size_label} {kind}, {len(contenders)} contenders x {reps} reps")
+            warmup = 1 if size < (64 << 20) else 0
+            series = round_robin(contenders, reps, warmup=warmup, before_each=os.sync)
+            case = CaseResult(f"Write {size_label}, {kind}")
+            for w in writers:
+                case.rows.append(Row(w.name, _label(traces, w.name), series[w.name]))
+            results.append(case)
+            shutil.rmtree(case_dir)
+    return results
+
+
+def _bind(fn: Callable[[str, Payload], None], target: str, payload: Payload) -> Op:
+    return lambda: fn(target, payload)
+
+
+def _bind_json(fn: Callable[[str, object], None], target: str, doc: object) -> Op:
+    return lambda: fn(target, doc)
+
+
+def json_document(approx_bytes: int = 1 << 20) -> object:
+    """A deterministic ~1 MB document of typical records (nested, some non-ASCII)."""
+    rng = random.Random(42)
+    records = []
+    size = 0
+    i = 0
+    while size < approx_bytes:
+        rec = {
+            "id": f"session-{i:06d}",
+            "pid": rng.randrange(1, 1 << 22),
+            "host": rng.choice(["build-01", "laptop-ñandú", "ci-runner-7"]),
+            "started": 1_700_000_000 + rng.random() * 1e6,
+            "active": rng.random() < 0.5,
+            "tags": [rng.choice(["graph", "html", "agent", "täg", "node"]) for _ in range(3)],
+            "stats": {"reads": rng.randrange(1000), "writes": rng.randrange(1000), "ratio": 0.5},
+            "note": None,
+        }
+        records.append(rec)
+        size += len(json.dumps(rec, indent=2, ensure_ascii=False)) + 4
+        i += 1
+    return {"version": 1, "sessions": records}
+
+
+def bench_json(
+    base: Path, traces: dict[str, Trace], quick: bool, log: Callable[[str], None]
+) -> CaseResult:
+    """atomic_json_write of a ~1 MB document vs json.dump with each peer."""
+    doc = json_document()
+    nbytes = len((json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode())
+    writers = [w for w in JSON_WRITERS if w.available()]
+    contenders: list[tuple[str, Op]] = []
+    for i, w in enumerate(writers):
+        d = base / "json" / f"c{i}"
+        d.mkdir(parents=True)
+        target = str(d / "doc.json")
+        with open(target, "wb") as f:
+            f.write(b"{}\n")
+        contenders.append((w.name, _bind_json(w.fn, target, doc)))
+    reps = 8 if quick else 40
+    log(f"json: {nbytes} bytes, {len(contenders)} contenders x {reps} reps")
+    series = round_robin(contenders, reps, before_each=os.sync)
+    case = CaseResult(
+        f"JSON document ({nbytes / 1e6:.2f} MB, indent=2)",
+        note="Every contender writes identical bytes (indent=2, ensure_ascii=False, trailing "
+        "newline). Peers stream with json.dump into their file object (atomicwriter is not "
+        "file-like, so it gets json.dumps); floors serialise with json.dumps then write.",
+    )
+    for w in writers:
+        label = "no fsync (not atomic)" if w.durability_of == "plain" else None
+        case.rows.append(Row(w.name, label or _label(traces, w.durability_of), series[w.name]))
+    with open(os.path.join(base, "json", "c0", "doc.json"), encoding="utf-8") as f:
+        json.load(f)  # sanity: what we timed wrote valid JSON
+    shutil.rmtree(base / "json")
+    return case
+
+
+def _read_plain(path: str) -> Callable[[], str]:
+    def op() -> str:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    return op
+
+
+def _read_ours(path: str) -> Callable[[], str] | None:
+    fn = ours("safe_read_with_retry")
+    if fn is None:
+        writer = ours("AtomicFileWriter")
+        fn = getattr(writer, "safe_read_with_retry", None) if writer is not None else None
+    if fn is None:
+        return None
+    reader = fn
+    return lambda: str(reader(path))
+
+
+def bench_reads(base: Path, quick: bool, log: Callable[[str], None]) -> list[CaseResult]:
+    """safe_read_with_retry vs open().read() on a file that exists (the common case)."""
+    out = []
+    for size_label, size, reps in (("4 KiB", 4 << 10, 3000), ("1 MiB", 1 << 20, 200)):
+        if quick:
+            reps //= 5
+        d = base / f"read-{size}"
+        d.mkdir(parents=True)
+        path = str(d / "f.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(str(_payload(size, text=True)))
+        contenders: list[tuple[str, Op]] = [("open().read()", _read_plain(path))]
+        contenders.append(("pathlib read_text()", lambda p=Path(path): p.read_text("utf-8")))
+        op = _read_ours(path)
+        if op is not None:
+            contenders.append(("htmlgraph safe_read_with_retry", op))
+        log(f"reads: {size_label}, {len(contenders)} contenders x {reps} reps")
+        series = round_robin(contenders, reps)
+        case = CaseResult(f"Read {size_label} (text, file present)")
+        for name, _ in contenders:
+            case.rows.append(Row(name, "-", series[name]))
+        out.append(case)
+        shutil.rmtree(d)
+    return out
