@@ -435,10 +435,41 @@ class _Forwarder:
                 proc.send_signal(signum)
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """Return a ``preexec_fn`` that makes the child die with us (Linux), else None.
+
+    If ``htmlgraph lock`` is killed with SIGKILL it cannot release its marker;
+    DirectoryLocker then treats the marker as stale as soon as our pid is
+    gone. A command still running at that point would run unprotected, so on
+    Linux the child asks the kernel for SIGKILL when its parent dies
+    (prctl(2) PR_SET_PDEATHSIG). flock(1) gets the same effect for free: its
+    lock lives in a file descriptor the command inherits.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec: no imports, no locks.
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(EXIT_SIGNAL_BASE + int(signal.SIGKILL))
+
+    return preexec
+
+
 def _run_forwarding(command: list[str], forwarder: _Forwarder) -> int:
     forwarder.starting = True
     try:
-        proc = _spawn(command)
+        proc = _spawn(command, preexec_fn=_die_with_parent())
     except BaseException:
         forwarder.starting = False
         if forwarder.pending is not None:
