@@ -1,0 +1,302 @@
+"""Power-cut trials: set up old content durably, write in a child, cut, inspect.
+
+One trial:
+
+1. In a fresh directory on the filesystem under test, create the directories
+   the scenario needs and (for "replace" scenarios) the old content; fsync it
+   and ``sync -f`` the filesystem, so the starting state is on the disk.
+2. Ask the worker child to perform the write; it prints ``committed`` as soon
+   as the call returns.
+3. Crash point: ``immediate`` (nothing), ``fsync-other`` (fsync a new unrelated
+   file on the same filesystem: forces a journal commit that may carry the
+   rename without the data), or ``periodic`` (wait for the filesystem's
+   periodic commit).
+4. Snapshot the backing image (the power cut), mount the snapshot (journal
+   replay), read the target and list its directories, unmount, run the
+   read-only checker.
+
+A committed write whose new content is not on the snapshot is *lost*.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from crashlab.loopfs import LoopFs
+from crashlab.payloads import SCENARIOS, Scenario, content, encoded, matches
+
+CRASH_POINTS = ("immediate", "fsync-other", "periodic")
+WRITERS = ("ours", "nondurable", "bare", "no-dir-fsync", "no-file-fsync")
+WRITER_TITLES = {
+    "ours": "ours (durable=True)",
+    "nondurable": "control: durable=False",
+    "bare": "control: bare temp+rename",
+    "no-dir-fsync": "mutant: no dir fsync",
+    "no-file-fsync": "mutant: no file fsync",
+}
+_TESTS_DIR = Path(__file__).resolve().parent.parent
+_SRC_DIR = _TESTS_DIR.parent / "src"
+_WORKER_TIMEOUT = 60.0
+TARGET_NAME = "target.dat"
+
+
+class Worker:
+    """A long-lived child process that performs writes on request."""
+
+    def __init__(self, cwd: str) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(_TESTS_DIR), str(_SRC_DIR), env.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crashlab.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
+
+    def write(self, request: dict[str, object]) -> str:
+        """Send one request; return the child's reply line (bounded wait)."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], _WORKER_TIMEOUT)
+        if not ready:
+            raise TimeoutError(f"worker did not answer {request} in {_WORKER_TIMEOUT} s")
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> int:
+        """Stop the child (bounded) and return its exit code."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            raise
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one trial found on the snapshot.
+
+    Attributes:
+        state: "new" (complete new content), "old" (old content after commit),
+            "missing", "empty", "zeros" (NUL-filled), "torn" (anything else),
+            "unmountable" or "error" (the write itself failed).
+        stray: unexpected directory entries (temp files, extra names).
+        fsck_ok: the read-only checker reported a clean filesystem.
+        detail: text for failure messages.
+    """
+
+    state: str
+    stray: tuple[str, ...]
+    fsck_ok: bool
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        """Short table label, e.g. ``new`` or ``empty+stray``."""
+        label = self.state
+        if self.stray:
+            label += "+stray"
+        if not self.fsck_ok:
+            label += "+fsck"
+        return label
+
+    @property
+    def good(self) -> bool:
+        """The committed write is fully on the disk and nothing else is."""
+        return self.state == "new" and not self.stray and self.fsck_ok
+
+
+def _durable_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _classify(scenario: Scenario, trial: int, data: bytes | None) -> str:
+    if data is None:
+        return "missing"
+    if matches(scenario, data, content(scenario, "new", trial)):
+        return "new"
+    if scenario.existing and matches(scenario, data, content(scenario, "old", trial)):
+        return "old"
+    if not data:
+        return "empty"
+    if data.count(0) == len(data):
+        return "zeros"
+    return "torn"
+
+
+class PowerCutLab:
+    """Runs trials on one mounted filesystem with one worker child."""
+
+    def __init__(self, fs: LoopFs) -> None:
+        self.fs = fs
+        self.worker = Worker(cwd=fs.mnt)
+        self._trial = 0
+        self.other = Path(fs.mnt) / "other"
+        self.other.mkdir(exist_ok=True)
+
+    def close(self) -> int:
+        """Stop the worker; returns its exit code."""
+        return self.worker.close()
+
+    def trial(self, writer: str, scenario: Scenario, point: str) -> Outcome:
+        """Run one power-cut trial and classify what survived."""
+        self._trial += 1
+        trial = self._trial
+        mnt = Path(self.fs.mnt)
+        base_rel = f"t{trial}"
+        base = mnt / base_rel
+        base.mkdir()
+        if scenario.new_dirs:
+            dir_rel = f"{base_rel}/a/b"
+        else:
+            dir_rel = f"{base_rel}/d"
+            (mnt / dir_rel).mkdir()
+            _fsync_dir(mnt / dir_rel)
+        target_rel = f"{dir_rel}/{TARGET_NAME}"
+        if scenario.existing:
+            _durable_file(mnt / target_rel, encoded(scenario, content(scenario, "old", trial)))
+            _fsync_dir(mnt / dir_rel)
+        _fsync_dir(base)
+        _fsync_dir(mnt)
+        self.fs.syncfs()
+
+        reply = self.worker.write(
+            {
+                "writer": writer,
+                "scenario": scenario.name,
+                "trial": trial,
+                "path": str(mnt / target_rel),
+            }
+        )
+        if reply != "committed":
+            return Outcome("error", (), True, reply)
+        if point == "fsync-other":
+            fd = os.open(self.other / f"u{trial}", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, b"unrelated\n" * 400)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif point == "periodic":
+            time.sleep(self.fs.kind.periodic_wait)
+        snap = self.fs.power_cut()
+
+        dirs = [dir_rel]
+        if scenario.new_dirs:
+            dirs += [base_rel, f"{base_rel}/a"]
+        report = self.fs.stage.inspect(self.fs.kind, snap, [target_rel], dirs)
+        if report.mount_error is not None:
+            return Outcome("unmountable", (), report.fsck_rc == 0, report.mount_error)
+        state = _classify(scenario, trial, report.files[target_rel])
+        expected = {
+            dir_rel: [TARGET_NAME],
+            base_rel: ["a"],
+            f"{base_rel}/a": ["b"],
+        }
+        stray: list[str] = []
+        for rel in dirs:
+            listing = report.listings[rel]
+            if listing is not None and listing != expected[rel]:
+                stray += [f"{rel}/{name}" for name in listing if name not in expected[rel]]
+        detail = ""
+        if report.fsck_rc != 0:
+            detail = report.fsck_output[-2000:]
+        return Outcome(state, tuple(stray), report.fsck_rc == 0, detail)
+
+
+Cell = tuple[str, str, str, str]  # (fs, point, scenario, writer)
+
+
+class Tally:
+    """Outcome counts per filesystem x crash point x scenario x writer."""
+
+    def __init__(self) -> None:
+        self.counts: dict[Cell, collections.Counter[str]] = {}
+        self.failures: list[str] = []
+
+    def add(self, cell: Cell, outcome: Outcome) -> None:
+        """Record one trial."""
+        self.counts.setdefault(cell, collections.Counter())[outcome.label] += 1
+        if cell[3] == "ours" and not outcome.good:
+            self.failures.append(f"{cell}: {outcome.label} {outcome.stray} {outcome.detail}")
+
+    def trials(self, writer: str, fs: str | None = None) -> int:
+        """Number of trials for a writer (optionally on one filesystem)."""
+        return sum(
+            sum(c.values())
+            for cell, c in self.counts.items()
+            if cell[3] == writer and (fs is None or cell[0] == fs)
+        )
+
+    def losses(self, writers: Iterable[str], fs: str) -> int:
+        """Trials on ``fs`` by ``writers`` whose committed content was not fully on disk."""
+        wanted = set(writers)
+        return sum(
+            n
+            for cell, c in self.counts.items()
+            if cell[0] == fs and cell[3] in wanted
+            for label, n in c.items()
+            if label != "new"
+        )
+
+    def markdown(self, filesystems: Sequence[str], scenarios: Sequence[str]) -> str:
+        """The outcome table, one row per filesystem x crash point x scenario."""
+
+        def fmt(counter: collections.Counter[str] | None) -> str:
+            if not counter:
+                return "-"
+            return ", ".join(f"{label} {n}" for label, n in sorted(counter.items()))
+
+        lines = [
+            "| filesystem | crash point | scenario | "
+            + " | ".join(WRITER_TITLES[w] for w in WRITERS)
+            + " |",
+            "|---|---|---|" + "---|" * len(WRITERS),
+        ]
+        for fs in filesystems:
+            for point in CRASH_POINTS:
+                for scenario in scenarios:
+                    row = [fs, point, scenario]
+                    row += [fmt(self.counts.get((fs, point, scenario, w))) for w in WRITERS]
+                    lines.append("| " + " | ".join(row) + " |")
+        totals = ", ".join(f"{w}: {self.trials(w)} trials" for w in WRITERS)
+        lines.append("")
+        lines.append(f"Totals - {totals}.")
+        return "\n".join(lines) + "\n"
+
+
+def all_scenarios() -> list[Scenario]:
+    """Every power-cut scenario, in table order."""
+    return list(SCENARIOS.values())
