@@ -41,7 +41,7 @@ def import_htmlgraph() -> ModuleType | None:
         return None
 
 
-def ours(name: str) -> Any:
+def ours(name: str) -> Any:  # noqa: ANN401 - whatever the library exports, or None
     """Return ``htmlgraph.atomic_ops.<name>`` or None when it does not exist (yet).
 
     ``DirectoryLocker`` is also looked up in ``htmlgraph._locker``, where it
@@ -173,7 +173,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
-    right = [i > 0 and (rows and _numericish(rows[0][i])) for i in range(len(headers))]
+    right = [i > 0 and _numeric_column([r[i] for r in rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
         out = []
@@ -187,8 +187,10 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), sep + "|", *(line(r) for r in rows)])
 
 
-def _numericish(cell: str) -> bool:
-    return bool(cell) and (cell[0].isdigit() or cell in ("-", "n/a"))
+def _numeric_column(cells: Sequence[str]) -> bool:
+    """Right-align a column whose cells are all numbers (``-`` placeholders aside)."""
+    real = [c for c in cells if c not in ("-", "n/a", "")]
+    return bool(real) and all(c[0].isdigit() for c in real)
 
 
 def fs_type(path: Path) -> str:

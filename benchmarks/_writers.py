@@ -174,9 +174,7 @@ WRITERS: list[Writer] = [
     Writer("floor-fast", floor_fast, "floor", lambda: True),
     Writer("open(w).write (not atomic)", plain_write, "baseline", lambda: True),
     Writer("htmlgraph atomic_write", ours_durable, "ours", _have_ours("atomic_write")),
-    Writer(
-        "htmlgraph atomic_write(durable=False)", ours_fast, "ours", _have_ours("atomic_write")
-    ),
+    Writer("htmlgraph atomic_write(durable=False)", ours_fast, "ours", _have_ours("atomic_write")),
     Writer("htmlgraph AtomicFileWriter", ours_writer, "ours", _have_ours("AtomicFileWriter")),
     Writer("atomicwrites", _atomicwrites, "peer", _importable("atomicwrites")),
     Writer("boltons atomic_save", _boltons, "peer", _importable("boltons.fileutils")),

@@ -16,14 +16,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any
 
 from benchmarks._common import Op, fmt_ratio, md_table, ours, round_robin
 from benchmarks.writes import CaseResult, Row
 
-Acquire = Callable[[], None]
+Acquire = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,9 @@ class LockPair:
     has_shared: bool
 
 
-def _checked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Acquire:
+def _checked(fn: Callable[..., object], timeout: float) -> Acquire:
     def call() -> None:
-        if fn(*args, **kwargs) is False:
+        if fn(timeout=timeout) is False:
             raise RuntimeError(f"{fn!r} failed to acquire")
 
     return call
@@ -208,7 +208,7 @@ def _throughput_worker(
     read_pct: int,
     duration: float,
     barrier: Barrier,
-    results: Any,
+    results: Queue[tuple[int, int, int]],
     seed: int,
 ) -> None:
     pair = make_lock(lib, lock_dir)
@@ -333,9 +333,7 @@ def bench_throughput(
             row.append(f"{t.ops_per_s:,.0f}")
             bad += t.lost_updates + t.torn_reads
         ours_row = acc.get(("htmlgraph DirectoryLocker", 0))
-        row.append(
-            fmt_ratio(acc[(lib, 0)].ops_per_s / ours_row.ops_per_s) if ours_row else "-"
-        )
+        row.append(fmt_ratio(acc[(lib, 0)].ops_per_s / ours_row.ops_per_s) if ours_row else "-")
         row.append(str(bad))
         rows.append(row)
     headers = [

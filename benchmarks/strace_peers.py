@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -182,6 +183,9 @@ def trace_writer(name: str, work_dir: Path, payload_kind: str = "bytes") -> Trac
 
 
 def _child(name: str, directory: str, payload_kind: str) -> None:
+    if name.startswith("lock:"):
+        _lock_child(name, directory)
+        return
     from benchmarks._writers import WRITERS_BY_NAME
 
     writer = WRITERS_BY_NAME[name]
@@ -190,18 +194,40 @@ def _child(name: str, directory: str, payload_kind: str) -> None:
     with open(target, "wb") as f:
         f.write(b"old content\n")
     writer.fn(target, data)  # warm-up: imports, caches
-    for mark in (BEGIN_MARK, END_MARK):
-        try:
-            os.stat(os.path.join(directory, mark))
-        except FileNotFoundError:
-            pass
-        if mark == BEGIN_MARK:
-            writer.fn(target, data)
+    _mark(directory, BEGIN_MARK)
+    writer.fn(target, data)
+    _mark(directory, END_MARK)
     with open(target, "rb") as f:
         got = f.read()
     expected = data.encode() if isinstance(data, str) else data
     if got != expected:
         raise SystemExit(f"{name}: target has wrong content after the write")
+
+
+def _mark(directory: str, mark: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.stat(os.path.join(directory, mark))
+
+
+def _lock_child(name: str, directory: str) -> None:
+    """``lock:<library>:<shared|exclusive>``: one acquire+release, traced."""
+    from benchmarks.locks import make_lock
+
+    _, lib, mode = name.split(":")
+    lock_dir = os.path.join(directory, "locks")
+    os.mkdir(lock_dir)
+    pair = make_lock(lib, lock_dir)
+    acquire, release = (
+        (pair.acquire_shared, pair.release_shared)
+        if mode == "shared"
+        else (pair.acquire_exclusive, pair.release_exclusive)
+    )
+    acquire()
+    release()  # warm-up
+    _mark(directory, BEGIN_MARK)
+    acquire()
+    release()
+    _mark(directory, END_MARK)
 
 
 def verify_all(work_dir: Path) -> dict[str, Trace]:
@@ -238,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.show:
                 t = trace_writer(name, work)
                 print(f"## {name}: {t.label}" + (f" ({t.error})" if t.error else ""))
-                print(f"{len(t.calls)} syscalls for one 4 KiB overwrite of an existing file:")
+                print(f"{len(t.calls)} syscalls (one 4 KiB overwrite, or one acquire+release):")
                 for c in t.calls:
                     print("   ", c)
                 print()

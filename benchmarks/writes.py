@@ -78,8 +78,10 @@ class CaseResult:
                 ]
             )
         headers = ["contender", "durability", "n", "median", "IQR", *("x " + f for f in floors)]
-        return f"### {self.title}\n\n" + md_table(headers, rows) + (
-            f"\n\n{self.note}" if self.note else ""
+        return (
+            f"### {self.title}\n\n"
+            + md_table(headers, rows)
+            + (f"\n\n{self.note}" if self.note else "")
         )
 
 
@@ -200,6 +202,10 @@ def _read_plain(path: str) -> Callable[[], str]:
     return op
 
 
+def _read_pathlib(path: Path) -> Callable[[], str]:
+    return lambda: path.read_text(encoding="utf-8")
+
+
 def _read_ours(path: str) -> Callable[[], str] | None:
     fn = ours("safe_read_with_retry")
     if fn is None:
@@ -223,7 +229,7 @@ def bench_reads(base: Path, quick: bool, log: Callable[[str], None]) -> list[Cas
         with open(path, "w", encoding="utf-8") as f:
             f.write(str(_payload(size, text=True)))
         contenders: list[tuple[str, Op]] = [("open().read()", _read_plain(path))]
-        contenders.append(("pathlib read_text()", lambda p=Path(path): p.read_text("utf-8")))
+        contenders.append(("pathlib read_text()", _read_pathlib(Path(path))))
         op = _read_ours(path)
         if op is not None:
             contenders.append(("htmlgraph safe_read_with_retry", op))

@@ -1,0 +1,226 @@
+"""Where does htmlgraph's time go, beyond the syscall floor?
+
+Three views of our hot paths, printed as Markdown:
+
+1. strace: the syscalls of one durable ``atomic_write`` (and of one lock
+   acquire+release) next to the floor's, and which ones are extra.
+2. Ablation on tmpfs (where syscalls are cheap and nothing waits for a disk):
+   the floor, a bare-``os`` replica of exactly our syscall sequence, and our
+   call. replica - floor = cost of the extra syscalls; ours - replica = cost
+   of our Python code.
+3. cProfile: Python function calls per write, and where the Python time goes.
+
+Usage: ``python -m benchmarks.profile_ours [--reps N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import os
+import pstats
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks._common import Op, fmt_time, md_table, ours, round_robin
+from benchmarks._writers import floor_durable, floor_fast
+from benchmarks.strace_peers import trace_writer
+
+
+def _syscall_name(line: str) -> str:
+    return line.split("(", 1)[0]
+
+
+def syscall_diff(work: Path) -> str:
+    """Syscall lists of our write and lock paths against their floors."""
+    out = []
+    pairs = [
+        ("floor-durable", "htmlgraph atomic_write"),
+        ("floor-fast", "htmlgraph atomic_write(durable=False)"),
+        ("floor-durable", "htmlgraph AtomicFileWriter"),
+    ]
+    if ours("DirectoryLocker") is not None:
+        pairs.append(
+            ("lock:filelock.SoftFileLock:exclusive", "lock:htmlgraph DirectoryLocker:exclusive")
+        )
+        pairs.append(
+            ("lock:filelock.SoftFileLock:exclusive", "lock:htmlgraph DirectoryLocker:shared")
+        )
+    rows = []
+    for floor, mine in pairs:
+        if "lock:" not in mine and ours("atomic_write") is None:
+            continue
+        a, b = trace_writer(floor, work), trace_writer(mine, work)
+        if a.error or b.error:
+            rows.append([mine, "?", "?", a.error or b.error or ""])
+            continue
+        ca = collections.Counter(_syscall_name(c) for c in a.calls)
+        cb = collections.Counter(_syscall_name(c) for c in b.calls)
+        extra = cb - ca
+        missing = ca - cb
+        rows.append(
+            [
+                mine,
+                f"{len(b.calls)} vs {len(a.calls)} ({floor})",
+                ", ".join(f"{k} x{v}" for k, v in sorted(extra.items())) or "none",
+                ", ".join(f"{k} x{v}" for k, v in sorted(missing.items())) or "none",
+            ]
+        )
+        out.append(f"<details><summary>{mine}: {len(b.calls)} syscalls</summary>\n\n```")
+        out += [_shorten(c) for c in b.calls]
+        out.append("```\n</details>\n")
+    table = md_table(["path", "syscalls (ours vs reference)", "extra", "fewer"], rows)
+    return "### Syscalls per call (strace)\n\n" + table + "\n\n" + "\n".join(out)
+
+
+def _shorten(call: str) -> str:
+    # Drop the payload of write() and temp directory prefixes for readability.
+    if call.startswith("write("):
+        head, _, rest = call.partition(", ")
+        return head + ', "..."' + rest[rest.rfind(", ") :] if ", " in rest else call
+    return call
+
+
+def _replica(path: str, data: bytes, durable: bool) -> None:
+    """Our syscall sequence for an overwrite, with bare os calls and no checks."""
+    st = os.lstat(path)
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{secrets.token_hex(8)}-{name}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.geteuid()
+        os.getegid()
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _bind(fn: Callable[[str], object], target: str) -> Op:
+    return lambda: fn(target)
+
+
+def ablation(reps: int) -> str:
+    """Floor vs replica vs ours on tmpfs: separates syscall cost from Python cost."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or ours("atomic_write") is None:
+        return "### Ablation on tmpfs\n\nskipped (no /dev/shm or no htmlgraph)\n"
+    base = Path(tempfile.mkdtemp(prefix="htmlgraph-abl-", dir=shm))
+    write = ours("atomic_write")
+    data = b"x" * 100
+    variants: list[tuple[str, Op]] = []
+    try:
+        specs = [
+            ("floor-fast", lambda p: floor_fast(p, data)),
+            ("replica of our syscalls, fast", lambda p: _replica(p, data, False)),
+            ("htmlgraph atomic_write(durable=False)", lambda p: write(p, data, durable=False)),
+            ("floor-durable", lambda p: floor_durable(p, data)),
+            ("replica of our syscalls, durable", lambda p: _replica(p, data, True)),
+            ("htmlgraph atomic_write", lambda p: write(p, data)),
+        ]
+        for i, (name, fn) in enumerate(specs):
+            d = base / f"c{i}"
+            d.mkdir()
+            target = str(d / "target.dat")
+            Path(target).write_bytes(b"old")
+            variants.append((name, _bind(fn, target)))
+        res = round_robin(variants, reps, warmup=20)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    rows = []
+    for name, _ in variants:
+        rows.append([name, fmt_time(res[name].median)])
+    fast = (
+        res["floor-fast"].median,
+        res["replica of our syscalls, fast"].median,
+        res["htmlgraph atomic_write(durable=False)"].median,
+    )
+    dur = (
+        res["floor-durable"].median,
+        res["replica of our syscalls, durable"].median,
+        res["htmlgraph atomic_write"].median,
+    )
+    summary = (
+        f"durable=False: extra syscalls cost {fmt_time(fast[1] - fast[0])}, our Python code "
+        f"{fmt_time(fast[2] - fast[1])} per write; durable: {fmt_time(dur[1] - dur[0])} and "
+        f"{fmt_time(dur[2] - dur[1])}. (tmpfs fsync is a no-op, so these are CPU costs that "
+        "ext4 adds on top of its I/O.)"
+    )
+    return (
+        f"### Ablation on tmpfs (100 B overwrite, {reps} interleaved reps, median)\n\n"
+        + md_table(["variant", "median"], rows)
+        + "\n\n"
+        + summary
+        + "\n"
+    )
+
+
+def python_profile(n: int) -> str:
+    """cProfile of n fast writes on tmpfs: calls per write and top Python functions."""
+    write = ours("atomic_write")
+    if write is None:
+        return ""
+    base = Path(tempfile.mkdtemp(prefix="htmlgraph-prof-", dir="/dev/shm"))
+    try:
+        target = str(base / "target.dat")
+        Path(target).write_bytes(b"old")
+        data = b"x" * 100
+        for _ in range(50):
+            write(target, data, durable=False)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            write(target, data, durable=False)
+        prof.disable()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    stats = pstats.Stats(prof)
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, object]] = stats.stats  # type: ignore[attr-defined]
+    total_calls = sum(v[1] for v in raw.values())
+    rows = []
+    for (file, line, func), (_cc, nc, tt, _ct, _callers) in sorted(
+        raw.items(), key=lambda kv: -kv[1][2]
+    )[:15]:
+        where = func if file == "~" else f"{Path(file).name}:{line} {func}"
+        rows.append([where, f"{nc / n:g}", fmt_time(tt / n)])
+    return (
+        f"### cProfile, {n} x atomic_write(100 B, durable=False) on tmpfs\n\n"
+        f"{total_calls / n:.0f} Python-level function calls per write "
+        "(the bare-os floor makes 8 calls). Top by own time (profiler overhead inflates "
+        "small functions):\n\n" + md_table(["function", "calls/write", "own time/write"], rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description="profile htmlgraph's hot paths")
+    parser.add_argument("--reps", type=int, default=3000, help="ablation repetitions")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="htmlgraph-profile-"))
+    try:
+        print("## Profile of our paths\n")
+        print(syscall_diff(work))
+        print(ablation(args.reps))
+        print(python_profile(3000))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
