@@ -252,11 +252,17 @@ class Throughput:
     seconds: float
     lost_updates: int
     torn_reads: int
+    per_process: list[int]
 
     @property
     def ops_per_s(self) -> float:
         """Operations per second, all processes together."""
         return self.ops / self.seconds
+
+    @property
+    def fairness(self) -> float:
+        """Fewest ops of any process / most ops of any process (1.0 = perfectly even)."""
+        return min(self.per_process) / max(max(self.per_process), 1)
 
 
 def _run_throughput(
@@ -289,7 +295,8 @@ def _run_throughput(
     torn = sum(g[2] for g in got)
     final = int(counter.read_text(encoding="ascii") or "0")
     shutil.rmtree(run_dir)
-    return Throughput(lib, read_pct, reads + writes, duration, writes - final, torn)
+    per_process = sorted(g[0] + g[1] for g in got)
+    return Throughput(lib, read_pct, reads + writes, duration, writes - final, torn, per_process)
 
 
 def bench_throughput(
@@ -322,6 +329,7 @@ def bench_throughput(
                         prev.seconds + t.seconds,
                         prev.lost_updates + t.lost_updates,
                         prev.torn_reads + t.torn_reads,
+                        [a + b for a, b in zip(prev.per_process, t.per_process, strict=True)],
                     )
                 acc[(lib, mix)] = t
     rows = []
@@ -340,6 +348,7 @@ def bench_throughput(
         "library",
         *(f"ops/s @ {m}% reads" for m in mixes),
         "vs ours @ 0%",
+        "fairness @ 0%",
         "violations",
     ]
     table = (
@@ -348,6 +357,7 @@ def bench_throughput(
         + "\n\nOne op = acquire, read (shared) or read-modify-write of a counter file "
         "(exclusive), release. Exclusive-only locks take the exclusive lock for reads too. "
         "violations = lost counter updates + reads that saw a half-written counter "
-        "(must be 0 for a correct lock)."
+        "(must be 0 for a correct lock). fairness = ops of the least served process / ops of "
+        "the best served one at 0 % reads (1.00 = even; near 0 = some processes starve)."
     )
     return table, list(acc.values())

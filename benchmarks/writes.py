@@ -24,10 +24,10 @@ SIZES: list[tuple[str, int]] = [
 # Repetitions per size: (full run, --quick). Small writes are dominated by
 # the two fsyncs (~1 ms here) and are noisy, so they get many samples.
 REPS: dict[int, tuple[int, int]] = {
-    100: (300, 40),
-    4 << 10: (300, 40),
-    1 << 20: (40, 8),
-    64 << 20: (5, 2),
+    100: (500, 40),
+    4 << 10: (500, 40),
+    1 << 20: (60, 8),
+    64 << 20: (6, 2),
 }
 
 
