@@ -1,0 +1,103 @@
+"""kill -9 at random instants of a write loop: the target is always one complete payload.
+
+A child process rewrites one target forever (random sizes 1 B .. 8 MiB, three
+APIs, durable and not) and is SIGKILLed at a random instant, hundreds of times
+with a seeded RNG (``CRASHLAB_SEED`` to replay, ``CRASHLAB_KILLS`` to change the
+count). After every kill the target must validate as one complete payload and
+the directory may hold only the target plus temp files of the killed pid; those
+exist until ``cleanup_orphaned_temp_files(dir, age_hours=0)`` runs (at random
+intervals, so orphans of several dead pids pile up), which must remove exactly
+them and leave the target alone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import htmlgraph
+from crashlab.killloop import frame, rewrite_forever, validate
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL semantics are POSIX"),
+]
+
+SEED = int(os.environ.get("CRASHLAB_SEED", "20261125"))
+KILLS = int(os.environ.get("CRASHLAB_KILLS", "320"))
+TARGET = "target.bin"
+_TEMP = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{16}-")
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # fork: the child starts in milliseconds with htmlgraph already imported, so
+    # the kill lands inside the write loop rather than in interpreter start-up.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def test_kill9_never_tears_the_target(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    target = tmp_path / TARGET
+    target.write_bytes(frame(b"initial"))
+    ctx = _context()
+    seen: set[str] = {validate(target.read_bytes())}
+    dead_pids: set[int] = set()
+    orphans_seen = 0
+    cleanups = 0
+    started = time.monotonic()
+    next_cleanup = rng.randint(1, 6)
+    for kill in range(KILLS):
+        proc = ctx.Process(target=rewrite_forever, args=(str(target), f"{SEED}/{kill}"))
+        proc.start()
+        # Mostly short lifetimes (kills land in the first writes, where small
+        # and large payloads alternate); sometimes long ones (many writes).
+        time.sleep(rng.uniform(0.0, 0.05) if rng.random() < 0.8 else rng.uniform(0.05, 0.4))
+        assert proc.pid is not None
+        proc.kill()
+        proc.join(timeout=30)
+        assert proc.exitcode == -9, f"kill {kill}: exit code {proc.exitcode}"
+        dead_pids.add(proc.pid)
+        proc.close()
+
+        data = target.read_bytes()
+        try:
+            seen.add(validate(data))
+        except ValueError as exc:
+            pytest.fail(f"kill {kill} (seed {SEED}): target is not one payload: {exc}")
+        temps = []
+        for name in os.listdir(tmp_path):
+            if name == TARGET:
+                continue
+            match = _TEMP.match(name)
+            assert match, f"kill {kill}: unexpected entry {name!r}"
+            assert int(match.group(1)) in dead_pids, f"kill {kill}: temp of unknown pid: {name}"
+            temps.append(name)
+        orphans_seen += len(temps)
+
+        next_cleanup -= 1
+        if next_cleanup == 0 or kill == KILLS - 1:
+            next_cleanup = rng.randint(1, 6)
+            removed = htmlgraph.cleanup_orphaned_temp_files(tmp_path, age_hours=0)
+            cleanups += 1
+            assert removed == len(temps), f"kill {kill}: removed {removed}, had {temps}"
+            assert os.listdir(tmp_path) == [TARGET]
+            assert validate(target.read_bytes()) in seen
+            dead_pids.clear()
+
+    elapsed = time.monotonic() - started
+    print(
+        f"\nkill -9: {KILLS} kills in {elapsed:.1f} s (seed {SEED}), {len(seen)} distinct "
+        f"payloads seen, {orphans_seen} orphan temps observed, {cleanups} cleanups"
+    )
+    # The fault was hit: kills landed mid-write (orphans) and writes committed.
+    assert orphans_seen > 0, "no kill ever landed during a write"
+    assert len(seen) > KILLS // 4, "the children hardly ever committed a write"
+    assert os.listdir(tmp_path) == [TARGET]
