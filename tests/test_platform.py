@@ -195,6 +195,28 @@ def test_start_token_parses_a_command_name_with_parentheses(
     assert token.endswith(":22")  # field 22 of proc(5)
 
 
+def _report_cached_pid(queue: multiprocessing.Queue[tuple[int, int]]) -> None:
+    queue.put((os.getpid(), _platform.current_pid()))
+
+
+def test_cached_pid_is_renewed_in_a_forked_child() -> None:
+    assert _platform.current_pid() == os.getpid()
+    ctx = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[tuple[int, int]] = ctx.Queue()
+    child = ctx.Process(target=_report_cached_pid, args=(queue,))
+    child.start()
+    real, cached = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert real == cached == child.pid
+    assert _platform.current_pid() == os.getpid()
+
+
+def test_own_ids_are_cached_per_process() -> None:
+    assert _platform.own_ids() == (os.geteuid(), os.getegid())
+    assert _platform.own_ids() == _platform.own_ids()
+
+
 def test_hostname_is_stable() -> None:
     assert _platform.hostname() == _platform.hostname()
     assert _platform.hostname()
@@ -221,6 +243,5 @@ def test_keep_owner_ignores_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(os, "fchown", refuse)
     _platform.keep_owner(7, 12345, 12345)
-    _platform.keep_owner(7, os.geteuid(), os.getegid())  # already ours: no call
     _platform.keep_owner(7, -1, -1)  # unknown: no call
     assert calls == [(7, 12345, 12345)]

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -68,8 +67,12 @@ _replace: Callable[[str, str], None] = _platform.replace
 
 
 def _random_token(nbytes: int = 8) -> str:
-    """Return ``2 * nbytes`` random hex digits (the one source of temp-name randomness)."""
-    return secrets.token_hex(nbytes)
+    """Return ``2 * nbytes`` random hex digits (the one source of temp-name randomness).
+
+    Unpredictable (``os.urandom``), so another user cannot pre-create our
+    temp names; ``O_EXCL`` makes a collision fail loudly anyway.
+    """
+    return os.urandom(nbytes).hex()
 
 
 # Temp files are named ".tmp-{pid}-{token}-{target name}". The seed's cleanup
@@ -113,6 +116,14 @@ def _check_path(path: object, what: str = "path") -> str:
     return text
 
 
+def _check_target(path: object) -> str:
+    """Check a write target: a valid path that names a file, not a directory."""
+    text = _check_path(path, "target path")
+    if text.endswith((os.sep, os.altsep or os.sep)):
+        raise IsADirectoryError(errno.EISDIR, "target path ends with a separator", text)
+    return text
+
+
 def _check_permissions(permissions: int | None) -> None:
     if permissions is None:
         return
@@ -124,8 +135,10 @@ def _check_permissions(permissions: int | None) -> None:
 
 def _temp_name(target_name: str) -> str:
     """Return a fresh temp file name for ``target_name``, at most 255 bytes long."""
-    head = f"{TEMP_PREFIX}{os.getpid()}-{_random_token()}-"
-    room = _NAME_MAX - len(head.encode("ascii"))
+    head = f"{TEMP_PREFIX}{_platform.current_pid()}-{_random_token()}-"
+    room = _NAME_MAX - len(head)  # head is ASCII: characters are bytes
+    if len(target_name) * 4 <= room:  # no UTF-8 character is longer than 4 bytes
+        return head + target_name
     tail = target_name.encode("utf-8", "surrogateescape")[:room]
     # Cutting may split a multi-byte character: drop the broken tail.
     return head + tail.decode("utf-8", "ignore")
@@ -215,16 +228,18 @@ class _Staged:
     @classmethod
     def create(
         cls,
-        target_path: object,
-        temp_dir: object | None,
+        target_path: str,
+        temp_parent: str | None,
         *,
         overwrite: bool,
         permissions: int | None,
     ) -> _Staged:
-        """Resolve ``target_path``, check it, and open a fresh temp file for it."""
-        target = os.path.abspath(_check_path(target_path, "target path"))
-        temp_parent = None if temp_dir is None else _check_path(temp_dir, "temp_dir")
-        _check_permissions(permissions)
+        """Resolve ``target_path``, check it, and open a fresh temp file for it.
+
+        The arguments were checked by the caller (:func:`_check_path`,
+        :func:`_check_permissions`).
+        """
+        target = target_path if os.path.isabs(target_path) else os.path.abspath(target_path)
         existing_mode = _UNSET_MODE
         owner = (-1, -1)
         try:
@@ -247,7 +262,8 @@ class _Staged:
             if not overwrite:
                 raise FileExistsError(errno.EEXIST, "target exists (overwrite=False)", target)
             existing_mode = stat.S_IMODE(st.st_mode)
-            owner = (st.st_uid, st.st_gid)
+            if (st.st_uid, st.st_gid) != _platform.own_ids():
+                owner = (st.st_uid, st.st_gid)
         directory, name = os.path.split(target)
         staged = cls(target, directory, overwrite)
         if temp_parent is not None:
@@ -293,10 +309,12 @@ class _Staged:
 
     def write_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write every byte of ``data`` to the temp (os.write may write less)."""
-        view = memoryview(data).cast("B")
+        written = os.write(self.fd, data)
+        if written == len(data) and (type(data) is not memoryview or data.itemsize == 1):
+            return
+        view = memoryview(data).cast("B")[written:]
         while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
+            view = view[os.write(self.fd, view) :]
 
     def commit(self, *, durable: bool, closed: bool = False) -> None:
         """Make the temp file the target: fsync, close, rename, fsync directory.
@@ -417,14 +435,14 @@ class AtomicFileWriter(Generic[AnyStr]):
         overwrite: bool = True,
         permissions: int | None = None,
     ) -> None:
-        target = _check_path(target_path, "target path")
+        target = _check_target(target_path)
         if mode not in ("w", "wb"):
             raise ValueError(f"mode must be 'w' or 'wb', not {mode!r} (writing {target})")
         if mode == "wb" and (encoding, errors, newline) != (None, None, None):
             raise ValueError(f"binary mode takes no encoding, errors or newline ({target})")
-        if temp_dir is not None:
-            _check_path(temp_dir, "temp_dir")
+        self._temp_dir = None if temp_dir is None else _check_path(temp_dir, "temp_dir")
         _check_permissions(permissions)
+        self._target = target
         self.target_path = Path(target)
         self.temp_dir = None if temp_dir is None else Path(temp_dir)
         self.mode = mode
@@ -460,8 +478,8 @@ class AtomicFileWriter(Generic[AnyStr]):
             raise RuntimeError(f"AtomicFileWriter for {self.target_path} was already used")
         self._used = True
         staged = _Staged.create(
-            self.target_path,
-            self.temp_dir,
+            self._target,
+            self._temp_dir,
             overwrite=self.overwrite,
             permissions=self.permissions,
         )
@@ -631,14 +649,15 @@ def _to_bytes(path: str, content: object, encoding: str) -> bytes | bytearray | 
 
 
 def _write_bytes(
-    path: StrPath,
+    path: str,
     data: bytes | bytearray | memoryview,
     *,
     durable: bool,
     overwrite: bool,
     permissions: int | None,
-    temp_dir: StrPath | None = None,
+    temp_dir: str | None = None,
 ) -> None:
+    """Write ``data`` to ``path`` all-or-nothing (arguments already checked)."""
     staged = _Staged.create(path, temp_dir, overwrite=overwrite, permissions=permissions)
     try:
         staged.write_all(data)
@@ -671,7 +690,9 @@ def atomic_write(
         IsADirectoryError: ``path`` is a directory.
         OSError: The write failed; the target is untouched and no temp is left.
     """
-    text_path = _check_path(path)
+    text_path = _check_target(path)
+    temp_parent = None if temp_dir is None else _check_path(temp_dir, "temp_dir")
+    _check_permissions(permissions)
     data = _to_bytes(text_path, content, encoding)
     _write_bytes(
         text_path,
@@ -679,7 +700,7 @@ def atomic_write(
         durable=durable,
         overwrite=overwrite,
         permissions=permissions,
-        temp_dir=temp_dir,
+        temp_dir=temp_parent,
     )
 
 
@@ -705,7 +726,8 @@ def atomic_json_write(
         TypeError: ``data`` holds a value JSON cannot represent.
         ValueError: ``data`` holds NaN or infinity, or a circular reference.
     """
-    text_path = _check_path(path)
+    text_path = _check_target(path)
+    _check_permissions(permissions)
     try:
         text = json.dumps(
             data, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False
