@@ -1097,6 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _configure_logging(args.verbose)
     try:
         status: int = args.handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe is handled below
     except _ParserExit as exc:
         return exc.status
     except _CommandError as exc:
@@ -1125,6 +1126,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     finally:
         logging.getLogger("htmlgraph").removeHandler(handler)
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()
     return status
