@@ -373,6 +373,7 @@ class DirectoryLocker:
         # Only the owning thread touches these two caches.
         self._seen: dict[str, _LockSeen] = {}
         self._pending_seen: dict[str, float] = {}
+        self._view: frozenset[str] = frozenset()  # marker names of the last scan
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's hold without touching its marker."""
@@ -542,6 +543,8 @@ class DirectoryLocker:
         ticket_time = f"{time.time_ns():020d}"  # fixed for this call: age priority
         mine: str | None = None  # our marker, published and not yet withdrawn
         attempt = 0
+        step = 0  # backoff step; back to the first when a marker we saw is gone
+        last_view: frozenset[str] = frozenset()
         try:
             while True:
                 mine, held = self._attempt(mode, mine, ticket_time, first=attempt == 0)
@@ -553,7 +556,13 @@ class DirectoryLocker:
                 now = _lock_clock()
                 if deadline is not None and now >= deadline:
                     return None
-                delay = _lock_backoff(attempt)
+                # A marker we saw last time is gone: the lock may be ours soon,
+                # so poll fast again. Arrivals do not reset (they cannot help
+                # us), so a standing conflict backs off towards the cap and
+                # waiters do not stampede on every newcomer's brief marker.
+                step = 0 if not last_view <= self._view else step + 1
+                last_view = self._view
+                delay = _lock_backoff(step)
                 if deadline is not None:
                     delay = min(delay, deadline - now)
                 _lock_sleep(delay)
@@ -708,6 +717,7 @@ class DirectoryLocker:
                 exclusive.append(name)
             elif name.startswith(_LOCK_PENDING_PREFIX):
                 pending.append(name)
+        self._view = frozenset(shared).union(exclusive)
         if len(self._seen) > len(shared) + len(exclusive):
             current = set(shared).union(exclusive)
             self._seen = {k: v for k, v in self._seen.items() if k in current}

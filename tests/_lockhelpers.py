@@ -1,0 +1,308 @@
+"""Process targets and harness pieces for the DirectoryLocker tests.
+
+Module-level functions only, so that multiprocessing can start them with any
+start method. The torture harness runs the same workload against the real
+lock and against :class:`NaiveLock` (a check-then-create lock kept as a
+negative control, proving the harness can see violations).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.context
+import multiprocessing.synchronize
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from htmlgraph import _locker as lockmod
+from htmlgraph._locker import DirectoryLocker
+
+if sys.platform == "linux":
+
+    def mp_context() -> multiprocessing.context.ForkContext:
+        """Fork where it is the native, cheap choice (Linux)."""
+        return multiprocessing.get_context("fork")
+
+else:
+
+    def mp_context() -> multiprocessing.context.SpawnContext:
+        """Spawn where fork is not the native choice (macOS, Windows)."""
+        return multiprocessing.get_context("spawn")
+
+
+class Lock(Protocol):
+    def acquire_shared_lock(self, timeout: float = ...) -> bool: ...
+    def acquire_exclusive_lock(self, timeout: float = ...) -> bool: ...
+    def release_lock(self) -> None: ...
+
+
+class NaiveLock:
+    """The seed's idea of a lock: look for conflicting markers, then create one.
+
+    Not mutually exclusive: two contenders can both look, both see nothing and
+    both create. ``window`` widens that gap (a sleep between check and create)
+    so that the negative control fails reliably.
+    """
+
+    def __init__(self, lock_dir: str, window: float = 0.0005) -> None:
+        self.lock_dir = lock_dir
+        self.window = window
+        self.marker: str | None = None
+        self.count = 0
+
+    def _try(self, pattern: str, kind: str) -> bool:
+        if glob.glob(os.path.join(glob.escape(self.lock_dir), pattern)):
+            return False
+        time.sleep(self.window)
+        self.count += 1
+        self.marker = os.path.join(self.lock_dir, f".naive-{kind}-{os.getpid()}-{self.count}")
+        with open(self.marker, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+    def _acquire(self, pattern: str, kind: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._try(pattern, kind):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+
+    def acquire_shared_lock(self, timeout: float = 5.0) -> bool:
+        return self._acquire(".naive-exclusive-*", "shared", timeout)
+
+    def acquire_exclusive_lock(self, timeout: float = 5.0) -> bool:
+        return self._acquire(".naive-*", "exclusive", timeout)
+
+    def release_lock(self) -> None:
+        if self.marker is not None:
+            os.unlink(self.marker)
+            self.marker = None
+
+
+def torture_worker(
+    kind: str,
+    lock_dir: str,
+    counter: str,
+    out: str,
+    n_ops: int,
+    read_share: float,
+    seed: int,
+    barrier: multiprocessing.synchronize.Barrier,
+) -> None:
+    """Do ``n_ops`` locked operations; record every hold with monotonic timestamps.
+
+    Exclusive holds read-modify-write the counter file; shared holds read it
+    (a torn read - empty or non-numeric - is recorded). Each hold's interval
+    is taken strictly inside acquire -> release, so an overlap in the record
+    is an overlap that happened.
+    """
+    rng = random.Random(seed)
+    lock: Lock = DirectoryLocker(lock_dir) if kind == "real" else NaiveLock(lock_dir)
+    holds: list[tuple[int, int, int]] = []
+    timeouts = 0
+    torn = 0
+    barrier.wait(60)
+    for _ in range(n_ops):
+        exclusive = rng.random() >= read_share
+        ok = lock.acquire_exclusive_lock(60) if exclusive else lock.acquire_shared_lock(60)
+        if not ok:
+            timeouts += 1
+            continue
+        start = time.monotonic_ns()
+        with open(counter) as f:
+            text = f.read()
+        if not text.strip().isdigit():
+            torn += 1  # empty or half-written: a writer was inside with us
+        if exclusive:
+            value = int(text) if text.strip().isdigit() else 0
+            with open(counter, "w") as f:
+                f.write(str(value + 1))
+        end = time.monotonic_ns()
+        lock.release_lock()
+        holds.append((start, end, int(exclusive)))
+    with open(out, "w") as f:
+        json.dump({"holds": holds, "timeouts": timeouts, "torn": torn}, f)
+
+
+@dataclass
+class TortureResult:
+    holds: int
+    exclusive_holds: int
+    overlaps: int
+    lost_increments: int
+    torn_reads: int
+    timeouts: int
+    seconds: float
+
+
+def count_overlaps(holds: list[tuple[int, int, int]]) -> int:
+    """Count exclusive holds that overlap any other hold (shared/shared is fine).
+
+    Sorted by start, an exclusive hold overlaps another iff an earlier-starting
+    hold ends after it starts, or the next hold starts before it ends.
+    """
+    ordered = sorted(holds)
+    bad = 0
+    max_end = -1
+    for i, (start, end, exclusive) in enumerate(ordered):
+        if exclusive and (max_end > start or (i + 1 < len(ordered) and ordered[i + 1][0] < end)):
+            bad += 1
+        max_end = max(max_end, end)
+    return bad
+
+
+def run_torture(
+    kind: str, root: str, *, processes: int, ops: int, read_share: float
+) -> TortureResult:
+    """Run ``processes`` workers doing ``ops`` acquisitions in total; check the record."""
+    ctx = mp_context()
+    lock_dir = os.path.join(root, "locks")
+    os.makedirs(lock_dir, exist_ok=True)
+    counter = os.path.join(root, "counter")
+    with open(counter, "w") as f:
+        f.write("0")
+    barrier = ctx.Barrier(processes)
+    per = ops // processes
+    outs = [os.path.join(root, f"out-{i}.json") for i in range(processes)]
+    procs = [
+        ctx.Process(
+            target=torture_worker,
+            args=(kind, lock_dir, counter, outs[i], per, read_share, 1000 + i, barrier),
+        )
+        for i in range(processes)
+    ]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(600)
+    seconds = time.monotonic() - started
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * processes, f"worker exit codes {codes}"
+    holds: list[tuple[int, int, int]] = []
+    timeouts = torn = 0
+    for out in outs:
+        with open(out) as f:
+            data = json.load(f)
+        holds.extend((int(a), int(b), int(c)) for a, b, c in data["holds"])
+        timeouts += data["timeouts"]
+        torn += data["torn"]
+    exclusive_holds = sum(1 for h in holds if h[2])
+    with open(counter) as f:
+        text = f.read()
+    final = int(text) if text.strip().isdigit() else 0
+    leftovers = [n for n in os.listdir(lock_dir) if n.startswith(".lock-")]
+    if kind == "real":
+        assert leftovers == [], f"markers left behind: {leftovers}"
+    return TortureResult(
+        holds=len(holds),
+        exclusive_holds=exclusive_holds,
+        overlaps=count_overlaps(holds),
+        lost_increments=exclusive_holds - final,
+        torn_reads=torn,
+        timeouts=timeouts,
+        seconds=seconds,
+    )
+
+
+def hold_until_killed(
+    lock_dir: str, mode: str, ready: multiprocessing.synchronize.Event, conn_path: str
+) -> None:
+    """Take the lock, report the marker path, signal ``ready`` and wait to be killed."""
+    locker = DirectoryLocker(lock_dir)
+    ok = (
+        locker.acquire_exclusive_lock(10) if mode == "exclusive" else locker.acquire_shared_lock(10)
+    )
+    marker = locker.exclusive_lock_path if mode == "exclusive" else locker.shared_lock_path
+    with open(conn_path, "w") as f:
+        f.write(str(marker) if ok else "")
+    ready.set()
+    time.sleep(120)
+
+
+def hold_then_release(
+    lock_dir: str,
+    mode: str,
+    ready: multiprocessing.synchronize.Event,
+    release: multiprocessing.synchronize.Event,
+    info_path: str,
+) -> None:
+    """Take the lock in a child, report (pid, marker, record), hold until told, release."""
+    locker = DirectoryLocker(lock_dir)
+    ok = (
+        locker.acquire_exclusive_lock(10) if mode == "exclusive" else locker.acquire_shared_lock(10)
+    )
+    marker = locker.exclusive_lock_path if mode == "exclusive" else locker.shared_lock_path
+    with open(marker) as f:
+        record = f.read()
+    with open(info_path, "w") as f:
+        json.dump({"ok": ok, "pid": os.getpid(), "marker": str(marker), "record": record}, f)
+    ready.set()
+    if not release.wait(60):
+        os._exit(3)
+    locker.release_lock()
+    os._exit(0 if ok and not os.path.exists(marker) else 4)
+
+
+def continuous_reader(
+    lock_dir: str,
+    stop: multiprocessing.synchronize.Event,
+    started: multiprocessing.synchronize.Event,
+    hold: float,
+    out: str,
+) -> None:
+    """Hold the shared lock again and again (``hold`` seconds each) until ``stop``."""
+    locker = DirectoryLocker(lock_dir)
+    holds = 0
+    while not stop.is_set():
+        if locker.acquire_shared_lock(60):
+            holds += 1
+            started.set()
+            time.sleep(hold)
+            locker.release_lock()
+    with open(out, "w") as f:
+        f.write(str(holds))
+
+
+if sys.platform != "win32":
+
+    def unprivileged_acquire(
+        lock_dir: str, mode: str, uid: int, conn: multiprocessing.connection.Connection
+    ) -> None:
+        """Drop to ``uid`` and try to take the lock; report what happened (fork only)."""
+        os.setgid(uid)
+        os.setuid(uid)
+        sleeps: list[float] = []
+        lockmod._lock_sleep = sleeps.append
+        result: dict[str, object] = {"sleeps": 0}
+        try:
+            locker = DirectoryLocker(lock_dir)
+            t0 = time.monotonic()
+            ok = (
+                locker.acquire_exclusive_lock(30)
+                if mode == "exclusive"
+                else locker.acquire_shared_lock(0 if mode == "shared0" else 30)
+            )
+            result.update(ok=ok, elapsed=time.monotonic() - t0)
+        except OSError as exc:
+            result.update(error=type(exc).__name__, errno=exc.errno, filename=exc.filename)
+        result["sleeps"] = len(sleeps)
+        try:
+            result["listing"] = sorted(os.listdir(lock_dir))
+        except OSError as exc:
+            result["listing"] = type(exc).__name__
+        conn.send(result)
+        conn.close()

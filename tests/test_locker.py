@@ -1,0 +1,1000 @@
+"""DirectoryLocker and LockTimeout: the seed's API, the protocol's decisions, real processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from _lockhelpers import (
+    continuous_reader,
+    hold_then_release,
+    hold_until_killed,
+    mp_context,
+)
+from htmlgraph import _locker as lockmod
+from htmlgraph import _platform
+from htmlgraph._locker import DirectoryLocker, LockTimeout
+
+POSIX = sys.platform != "win32"
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+needs_proc = pytest.mark.skipif(
+    _platform.process_start_token(os.getpid()) is None, reason="no process start token here"
+)
+
+
+def markers(lock_dir: Path) -> list[str]:
+    return sorted(n for n in os.listdir(lock_dir) if n.startswith(".lock-"))
+
+
+def plant(
+    lock_dir: Path,
+    mode: str,
+    *,
+    pid: int,
+    ticket: str | None = None,
+    host: str | None = None,
+    pidns: str | None = "same",
+    start: str | None = "same",
+    raw: bytes | None = None,
+) -> Path:
+    """Create a marker as another holder would have left it."""
+    suffix = ticket if ticket is not None else "f" * 16
+    path = lock_dir / f".lock-{mode}-{pid}-{suffix}"
+    if raw is None:
+        record = {
+            "pid": pid,
+            "host": host if host is not None else _platform.hostname(),
+            "pidns": lockmod._lock_pid_namespace() if pidns == "same" else pidns,
+            "start": _platform.process_start_token(pid) if start == "same" else start,
+            "created": time.time(),
+            "mode": mode,
+        }
+        raw = json.dumps(record).encode()
+    path.write_bytes(raw)
+    return path
+
+
+def dead_pid() -> int:
+    """Return the pid of a process that has exited and been reaped."""
+    ctx = mp_context()
+    p = ctx.Process(target=time.sleep, args=(0,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert p.pid is not None
+    return p.pid
+
+
+def wait_for(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path) -> Path:
+    return tmp_path / "locks"
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record every backoff sleep (and still sleep, so deadlines pass)."""
+    seen: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        seen.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(lockmod, "_lock_sleep", fake_sleep)
+    return seen
+
+
+class TestDirectoryLocker:
+    """The seed's eight cases."""
+
+    def test_init(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert lock_dir.is_dir()
+        assert locker.lock_dir == lock_dir
+        assert locker.pid == os.getpid()
+        assert locker.shared_lock_path == lock_dir / f".lock-shared-{os.getpid()}"
+        assert locker.exclusive_lock_path == lock_dir / f".lock-exclusive-{os.getpid()}"
+        assert not locker.shared_lock_path.exists()
+        assert not locker.exclusive_lock_path.exists()
+
+    def test_acquire_shared_lock(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock(timeout=1.0)
+        assert locker.shared_lock_path.exists()
+        assert locker.shared_lock_path.name.startswith(f".lock-shared-{os.getpid()}")
+        assert markers(lock_dir) == [locker.shared_lock_path.name]
+        locker.release_lock()
+
+    def test_acquire_exclusive_lock(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock(timeout=1.0)
+        assert locker.exclusive_lock_path.exists()
+        assert locker.exclusive_lock_path.name.startswith(f".lock-exclusive-{os.getpid()}")
+        assert markers(lock_dir) == [locker.exclusive_lock_path.name]
+        locker.release_lock()
+
+    def test_release_lock(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock()
+        locker.release_lock()
+        assert not locker.exclusive_lock_path.exists()
+        assert markers(lock_dir) == []
+        assert locker.acquire_shared_lock()
+        locker.release_lock()
+        assert not locker.shared_lock_path.exists()
+        assert markers(lock_dir) == []
+
+    def test_release_without_lock(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        locker.release_lock()
+        locker.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_multiple_shared_locks(self, lock_dir: Path) -> None:
+        a, b = DirectoryLocker(lock_dir), DirectoryLocker(lock_dir)
+        assert a.acquire_shared_lock(timeout=1.0)
+        assert b.acquire_shared_lock(timeout=1.0)
+        assert a.shared_lock_path != b.shared_lock_path
+        assert markers(lock_dir) == sorted([a.shared_lock_path.name, b.shared_lock_path.name])
+        a.release_lock()
+        b.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_exclusive_lock_blocks(self, lock_dir: Path) -> None:
+        a, b = DirectoryLocker(lock_dir), DirectoryLocker(lock_dir)
+        assert a.acquire_exclusive_lock(timeout=1.0)
+        assert not b.acquire_exclusive_lock(timeout=0.1)
+        assert not b.acquire_shared_lock(timeout=0.1)
+        b.release_lock()  # the loser's release leaves the winner's marker
+        assert markers(lock_dir) == [a.exclusive_lock_path.name]
+        a.release_lock()
+        assert b.acquire_exclusive_lock(timeout=1.0)
+        b.release_lock()
+
+    def test_lock_timeout(self, lock_dir: Path) -> None:
+        a, b = DirectoryLocker(lock_dir), DirectoryLocker(lock_dir)
+        assert a.acquire_shared_lock()
+        started = time.monotonic()
+        assert not b.acquire_exclusive_lock(timeout=0.2)
+        assert time.monotonic() - started >= 0.2  # monotonic deadline, never early
+        assert markers(lock_dir) == [a.shared_lock_path.name]  # b withdrew its claim
+        a.release_lock()
+
+
+class TestMarkers:
+    def test_names_and_record(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock()
+        pid = os.getpid()
+        assert re.fullmatch(rf"\.lock-shared-{pid}-[0-9a-f]{{16}}", locker.shared_lock_path.name)
+        record = json.loads(locker.shared_lock_path.read_text())
+        assert record["pid"] == pid
+        assert record["host"] == _platform.hostname()
+        assert record["start"] == _platform.process_start_token(pid)
+        assert record["mode"] == "shared"
+        assert abs(record["created"] - time.time()) < 600
+        locker.release_lock()
+        assert locker.acquire_exclusive_lock()
+        assert re.fullmatch(
+            rf"\.lock-exclusive-{pid}-[0-9]{{20}}[0-9a-f]{{8}}", locker.exclusive_lock_path.name
+        )
+        if POSIX:
+            assert locker.exclusive_lock_path.stat().st_mode & 0o777 == 0o644
+        locker.release_lock()
+
+    @pytest.mark.skipif(not POSIX, reason="POSIX umask")
+    def test_marker_readable_whatever_the_umask(self, lock_dir: Path) -> None:
+        old = os.umask(0o077)
+        try:
+            locker = DirectoryLocker(lock_dir)
+            assert locker.acquire_exclusive_lock()
+            assert locker.exclusive_lock_path.stat().st_mode & 0o777 == 0o644
+            locker.release_lock()
+        finally:
+            os.umask(old)
+
+    def test_forced_token_collision_gets_a_fresh_name(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        tokens = iter(["a" * 16, "a" * 16, "b" * 16])
+        calls: list[int] = []
+
+        def fake_token(nbytes: int) -> str:
+            calls.append(nbytes)
+            return next(tokens)
+
+        monkeypatch.setattr(lockmod, "_lock_token", fake_token)
+        a, b = DirectoryLocker(lock_dir), DirectoryLocker(lock_dir)
+        assert a.acquire_shared_lock()
+        assert b.acquire_shared_lock()
+        assert len(calls) == 3  # the seam was hit, and the collision forced a retry
+        assert a.shared_lock_path.name.endswith("a" * 16)
+        assert b.shared_lock_path.name.endswith("b" * 16)
+        b.release_lock()
+        assert markers(lock_dir) == [a.shared_lock_path.name]
+        a.release_lock()
+
+    def test_token_always_colliding_is_an_error_not_a_clobber(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(lockmod, "_lock_token", lambda nbytes: "c" * 16)
+        a, b = DirectoryLocker(lock_dir), DirectoryLocker(lock_dir)
+        assert a.acquire_shared_lock()
+        with pytest.raises(FileExistsError):
+            b.acquire_shared_lock()
+        assert markers(lock_dir) == [a.shared_lock_path.name]  # nothing pending left
+        a.release_lock()
+        assert b.acquire_shared_lock(timeout=0)  # b's instance is usable again
+        b.release_lock()
+
+
+class TestTimeouts:
+    def test_timeout_zero_is_exactly_one_attempt(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
+    ) -> None:
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        listings: list[str] = []
+        real_listdir = os.listdir
+
+        def counting_listdir(path: str) -> list[str]:
+            listings.append(path)
+            return real_listdir(path)
+
+        monkeypatch.setattr(lockmod, "_lock_listdir", counting_listdir)
+        other = DirectoryLocker(lock_dir)
+        assert not other.acquire_shared_lock(timeout=0)
+        assert (len(listings), len(sleeps)) == (1, 0)
+        assert not other.acquire_exclusive_lock(timeout=0)
+        assert (len(listings), len(sleeps)) == (2, 0)
+        assert markers(lock_dir) == [holder.exclusive_lock_path.name]
+        holder.release_lock()
+        assert other.acquire_exclusive_lock(timeout=0)
+        other.release_lock()
+
+    def test_backoff_is_jittered_exponential_between_1_and_50_ms(self) -> None:
+        for step in range(30):
+            ceiling = min(0.05, 0.001 * 2**step)
+            for _ in range(20):
+                assert ceiling / 2 <= lockmod._lock_backoff(step) <= ceiling
+        assert len({lockmod._lock_backoff(3) for _ in range(20)}) > 1
+
+    def test_waiting_sleeps_within_bounds_and_deadline(
+        self, lock_dir: Path, sleeps: list[float]
+    ) -> None:
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        assert not DirectoryLocker(lock_dir).acquire_exclusive_lock(timeout=0.3)
+        assert len(sleeps) > 3
+        assert all(0 < s <= 0.05 for s in sleeps)
+        assert max(sleeps) > 0.002  # it backed off rather than spinning at 1 ms
+        holder.release_lock()
+
+    def test_negative_timeout_waits_without_limit(self, lock_dir: Path) -> None:
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        result: list[bool] = []
+        t = threading.Thread(
+            target=lambda: result.append(DirectoryLocker(lock_dir).acquire_shared_lock(-1))
+        )
+        t.start()
+        time.sleep(0.2)
+        assert result == []
+        holder.release_lock()
+        t.join(30)
+        assert result == [True]
+
+    def test_nan_timeout_is_rejected(self, lock_dir: Path) -> None:
+        with pytest.raises(ValueError, match="NaN"):
+            DirectoryLocker(lock_dir).acquire_shared_lock(math.nan)
+        assert markers(lock_dir) == []
+
+
+class TestContextManagers:
+    def test_shared_and_exclusive(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        with locker.shared(timeout=1) as held:
+            assert held is locker
+            assert locker.shared_lock_path.exists()
+        assert markers(lock_dir) == []
+        with locker.exclusive(timeout=1):
+            assert locker.exclusive_lock_path.exists()
+        assert markers(lock_dir) == []
+
+    def test_released_on_exception(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        with pytest.raises(KeyError), locker.exclusive():
+            raise KeyError("boom")
+        assert markers(lock_dir) == []
+
+    def test_timeout_raises_lock_timeout(self, lock_dir: Path) -> None:
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        other = DirectoryLocker(lock_dir)
+        with pytest.raises(LockTimeout) as info, other.shared(timeout=0.05):
+            pytest.fail("must not enter")
+        err = info.value
+        assert isinstance(err, TimeoutError)
+        assert (err.lock_dir, err.mode, err.timeout) == (lock_dir, "shared", 0.05)
+        assert str(lock_dir) in str(err)
+        assert "0.05 s" in str(err)
+        clone = pickle.loads(pickle.dumps(err))
+        assert type(clone) is LockTimeout
+        assert (clone.lock_dir, clone.mode, clone.timeout, str(clone)) == (
+            err.lock_dir,
+            err.mode,
+            err.timeout,
+            str(err),
+        )
+        with pytest.raises(TimeoutError, match="exclusive"), other.exclusive(timeout=0):
+            pytest.fail("must not enter")
+        holder.release_lock()
+
+
+class TestReentrancy:
+    def test_same_mode_nests(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock()
+        assert locker.acquire_shared_lock(timeout=0)
+        assert markers(lock_dir) == [locker.shared_lock_path.name]
+        locker.release_lock()
+        assert markers(lock_dir) == [locker.shared_lock_path.name]
+        locker.release_lock()
+        assert markers(lock_dir) == []
+        locker.release_lock()  # one more is harmless
+
+    def test_nested_context_managers_keep_the_outer_hold(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        with locker.exclusive():
+            with locker.exclusive(), locker.shared():
+                pass
+            assert locker.exclusive_lock_path.exists()  # the inner exits did not release
+            assert not DirectoryLocker(lock_dir).acquire_shared_lock(timeout=0)
+        assert markers(lock_dir) == []
+
+    def test_shared_under_exclusive_nests(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock()
+        assert locker.acquire_shared_lock(timeout=0)
+        assert markers(lock_dir) == [locker.exclusive_lock_path.name]
+        locker.release_lock()
+        assert not DirectoryLocker(lock_dir).acquire_shared_lock(timeout=0)  # still exclusive
+        locker.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_upgrade_is_refused(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock()
+        with pytest.raises(RuntimeError, match="upgrade"):
+            locker.acquire_exclusive_lock(timeout=0)
+        with pytest.raises(RuntimeError, match="upgrade"), locker.exclusive():
+            pass
+        assert markers(lock_dir) == [locker.shared_lock_path.name]  # still held, shared
+        assert DirectoryLocker(lock_dir).acquire_shared_lock(timeout=0)
+        locker.release_lock()
+
+
+class TestInstancesAndThreads:
+    def test_two_instances_exclude_each_other(self, lock_dir: Path) -> None:
+        a, b = DirectoryLocker(lock_dir), DirectoryLocker(lock_dir)
+        assert a.acquire_shared_lock()
+        assert not b.acquire_exclusive_lock(timeout=0.1)
+        assert markers(lock_dir) == [a.shared_lock_path.name]
+        b.release_lock()
+        assert markers(lock_dir) == [a.shared_lock_path.name]
+        a.release_lock()
+        assert b.acquire_exclusive_lock()
+        assert not a.acquire_shared_lock(timeout=0.05)
+        a.release_lock()
+        assert markers(lock_dir) == [b.exclusive_lock_path.name]
+        b.release_lock()
+
+    def test_threads_sharing_an_instance_take_turns(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        counter = lock_dir.parent / "counter"
+        counter.write_text("0")
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(25):
+                    with locker.exclusive(timeout=30):
+                        value = int(counter.read_text())
+                        time.sleep(0.0002)
+                        counter.write_text(str(value + 1))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert counter.read_text() == "100"
+        assert markers(lock_dir) == []
+
+    def test_other_thread_waits_for_the_instance(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock()
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(locker.acquire_shared_lock(0)))
+        t.start()
+        t.join(30)
+        assert result == [False]  # held by another thread through this instance
+        t = threading.Thread(target=lambda: result.append(locker.acquire_exclusive_lock(30)))
+        t.start()
+        time.sleep(0.05)
+        assert result == [False]
+        locker.release_lock()
+        t.join(30)
+        assert result == [False, True]
+        assert markers(lock_dir) == [locker.exclusive_lock_path.name]
+        locker.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_separate_instances_in_threads_share(self, lock_dir: Path) -> None:
+        barrier = threading.Barrier(4, timeout=30)
+        results: list[bool] = []
+
+        def read() -> None:
+            locker = DirectoryLocker(lock_dir)
+            results.append(locker.acquire_shared_lock(10))
+            barrier.wait()  # all four hold at once
+            locker.release_lock()
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [True] * 4
+        assert markers(lock_dir) == []
+
+
+class TestFairness:
+    def test_waiting_writer_stops_new_readers(self, lock_dir: Path) -> None:
+        reader = DirectoryLocker(lock_dir)
+        assert reader.acquire_shared_lock()
+        writer = DirectoryLocker(lock_dir)
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(writer.acquire_exclusive_lock(30)))
+        t.start()
+        wait_for(
+            lambda: any(n.startswith(".lock-exclusive-") for n in markers(lock_dir)),
+            "the writer's claim",
+        )
+        late = DirectoryLocker(lock_dir)
+        assert not late.acquire_shared_lock(timeout=0.05)  # writer preference
+        reader.release_lock()
+        t.join(30)
+        assert result == [True]
+        assert not late.acquire_shared_lock(timeout=0)
+        writer.release_lock()
+        assert late.acquire_shared_lock(timeout=0)
+        late.release_lock()
+        assert markers(lock_dir) == []
+
+    @needs_proc
+    def test_younger_writer_yields_to_an_older_claim(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        lock_dir.mkdir()
+        older = plant(lock_dir, "exclusive", pid=os.getpid(), ticket="0" * 20 + "00000000")
+        seen: list[list[str]] = []
+        monkeypatch.setattr(lockmod, "_lock_sleep", lambda s: seen.append(markers(lock_dir)))
+        locker = DirectoryLocker(lock_dir)
+        assert not locker.acquire_exclusive_lock(timeout=0.1)
+        assert seen
+        assert all(listing == [older.name] for listing in seen)  # never kept a claim
+        assert markers(lock_dir) == [older.name]
+
+    @needs_proc
+    def test_older_writer_keeps_its_claim_against_a_younger(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        lock_dir.mkdir()
+        younger = plant(lock_dir, "exclusive", pid=os.getpid(), ticket="9" * 20 + "ffffffff")
+        seen: list[list[str]] = []
+        monkeypatch.setattr(lockmod, "_lock_sleep", lambda s: seen.append(markers(lock_dir)))
+        locker = DirectoryLocker(lock_dir)
+        assert not locker.acquire_exclusive_lock(timeout=0.1)
+        assert seen
+        assert all(len(listing) == 2 and younger.name in listing for listing in seen)
+        assert markers(lock_dir) == [younger.name]  # withdrawn at the timeout
+
+
+class TestStaleMarkers:
+    def test_dead_pid_is_broken_with_a_warning(
+        self, lock_dir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lock_dir.mkdir()
+        pid = dead_pid()
+        stale = plant(lock_dir, "exclusive", pid=pid, start="gone")
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock(timeout=0)
+        assert not stale.exists()
+        assert any(
+            r.levelno == logging.WARNING and stale.name in r.getMessage() for r in caplog.records
+        )
+        locker.release_lock()
+        assert markers(lock_dir) == []
+
+    @needs_proc
+    def test_live_pid_with_another_start_token_is_reused(
+        self, lock_dir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lock_dir.mkdir()
+        stale = plant(lock_dir, "shared", pid=os.getpid(), start="boot:1")
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock(timeout=0)
+        assert not stale.exists()
+        assert "another process" in caplog.text
+        locker.release_lock()
+
+    @needs_proc
+    def test_live_holder_judged_by_the_start_token_seam(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        other = DirectoryLocker(lock_dir)
+        calls: list[int] = []
+        real = lockmod._lock_start_token
+
+        def same(pid: int) -> str | None:
+            calls.append(pid)
+            return real(pid)
+
+        monkeypatch.setattr(lockmod, "_lock_start_token", same)
+        assert not other.acquire_shared_lock(timeout=0)  # live, same token: held
+        assert calls == [os.getpid()]
+        assert holder.exclusive_lock_path.exists()
+
+        def reused(pid: int) -> str | None:
+            calls.append(pid)
+            return "another-boot:42"
+
+        monkeypatch.setattr(lockmod, "_lock_start_token", reused)
+        fresh = DirectoryLocker(lock_dir)  # no cached verdict
+        assert fresh.acquire_shared_lock(timeout=0)  # pid "reused": the marker was stale
+        assert calls[-1] == os.getpid()
+        assert not holder.exclusive_lock_path.exists()
+        fresh.release_lock()
+        holder.release_lock()  # its marker vanished: logged, not raised
+
+    def test_other_host_is_held(self, lock_dir: Path) -> None:
+        lock_dir.mkdir()
+        pid = dead_pid()
+        foreign = plant(lock_dir, "exclusive", pid=pid, host="elsewhere.example", start=None)
+        assert not DirectoryLocker(lock_dir).acquire_shared_lock(timeout=0.05)
+        assert foreign.exists()
+
+    def test_other_pid_namespace_is_held(self, lock_dir: Path) -> None:
+        lock_dir.mkdir()
+        pid = dead_pid()
+        foreign = plant(lock_dir, "exclusive", pid=pid, pidns="pid:[1]", start=None)
+        assert not DirectoryLocker(lock_dir).acquire_shared_lock(timeout=0.05)
+        assert foreign.exists()
+
+    def test_unknown_start_token_with_live_pid_is_held(self, lock_dir: Path) -> None:
+        lock_dir.mkdir()
+        live = plant(lock_dir, "exclusive", pid=os.getpid(), start=None)
+        assert not DirectoryLocker(lock_dir).acquire_shared_lock(timeout=0.05)
+        assert live.exists()
+
+    @pytest.mark.parametrize(
+        "raw", [b"", b"{not json", b'{"pid": 1}', b'{"pid": 999999, "host": "h"}', b"\xff\xfe"]
+    )
+    def test_unreadable_record_held_for_a_grace_then_broken(
+        self, lock_dir: Path, raw: bytes, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lock_dir.mkdir()
+        junk = plant(lock_dir, "exclusive", pid=os.getpid(), raw=raw)
+        locker = DirectoryLocker(lock_dir)
+        assert not locker.acquire_shared_lock(timeout=0.05)
+        assert junk.exists()
+        old = time.time() - 60
+        os.utime(junk, (old, old))
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        assert locker.acquire_shared_lock(timeout=0)
+        assert not junk.exists()
+        assert "unreadable" in caplog.text
+        locker.release_lock()
+
+    def test_orphaned_pending_file_is_swept(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        lock_dir.mkdir()
+        orphan = lock_dir / ".lock-pending-99999-0123456789abcdef"
+        orphan.write_text("{}")
+        monkeypatch.setattr(lockmod, "_LOCK_PENDING_GRACE", 0.0)
+        locker = DirectoryLocker(lock_dir)
+        for _ in range(3):
+            assert locker.acquire_shared_lock()
+            locker.release_lock()
+            time.sleep(0.01)
+        assert not orphan.exists()
+        assert os.listdir(lock_dir) == []
+
+
+class TestDirectory:
+    def test_deleted_while_held(self, lock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock()
+        shutil.rmtree(lock_dir)
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker.release_lock()  # never raises
+        assert "vanished" in caplog.text
+        assert locker.acquire_shared_lock(timeout=0)  # re-creates the directory
+        assert markers(lock_dir) == [locker.shared_lock_path.name]
+        locker.release_lock()
+
+    def test_deleted_before_acquire(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        lock_dir.rmdir()
+        assert locker.acquire_exclusive_lock(timeout=0)
+        assert lock_dir.is_dir()
+        locker.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_marker_removed_behind_a_waiting_writer_is_republished(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        reader = DirectoryLocker(lock_dir)
+        assert reader.acquire_shared_lock()
+        removed: list[str] = []
+
+        def meddle(seconds: float) -> None:
+            claims = [n for n in markers(lock_dir) if n.startswith(".lock-exclusive-")]
+            if claims and not removed:
+                os.unlink(lock_dir / claims[0])  # someone deletes the writer's claim
+                removed.append(claims[0])
+                reader.release_lock()
+            time.sleep(seconds)
+
+        monkeypatch.setattr(lockmod, "_lock_sleep", meddle)
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        writer = DirectoryLocker(lock_dir)
+        assert writer.acquire_exclusive_lock(timeout=10)
+        assert removed
+        assert writer.exclusive_lock_path.name != removed[0]
+        assert "vanished before the lock was taken" in caplog.text
+        writer.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_path_is_a_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "file"
+        path.write_text("x")
+        with pytest.raises(NotADirectoryError) as info:
+            DirectoryLocker(path)
+        assert info.value.filename == str(path)
+        assert path.read_text() == "x"
+
+    def test_directory_replaced_by_a_file(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        lock_dir.rmdir()
+        lock_dir.write_text("x")
+        with pytest.raises(NotADirectoryError):
+            locker.acquire_exclusive_lock(timeout=5)
+        assert lock_dir.read_text() == "x"
+
+    def test_relative_path_is_fixed_at_construction(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        locker = DirectoryLocker("locks")
+        monkeypatch.chdir(tmp_path.parent)
+        assert locker.acquire_shared_lock()
+        assert markers(tmp_path / "locks") == [locker.shared_lock_path.name]
+        locker.release_lock()
+
+    def test_release_never_raises(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock()
+        calls: list[str] = []
+
+        def refuse(path: str) -> None:
+            calls.append(path)
+            raise PermissionError(13, "Permission denied", path)
+
+        monkeypatch.setattr(lockmod, "_lock_unlink", refuse)
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker.release_lock()
+        assert calls == [str(locker.shared_lock_path)]
+        assert "could not remove" in caplog.text
+        locker.release_lock()
+        assert calls == [str(locker.shared_lock_path)]  # state cleared: not retried
+
+    def test_interrupt_while_waiting_leaves_no_marker(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        reader = DirectoryLocker(lock_dir)
+        assert reader.acquire_shared_lock()
+
+        def interrupt(seconds: float) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(lockmod, "_lock_sleep", interrupt)
+        writer = DirectoryLocker(lock_dir)
+        with pytest.raises(KeyboardInterrupt):
+            writer.acquire_exclusive_lock(timeout=10)
+        assert markers(lock_dir) == [reader.shared_lock_path.name]
+        reader.release_lock()
+        monkeypatch.setattr(lockmod, "_lock_sleep", time.sleep)
+        assert writer.acquire_exclusive_lock(timeout=0)  # the instance is free again
+        writer.release_lock()
+
+
+def test_writer_behind_continuous_readers_gets_in(tmp_path: Path) -> None:
+    """A short version of the torture file's measurement: the writer is not starved."""
+    lock_dir = tmp_path / "locks"
+    ctx = mp_context()
+    stop = ctx.Event()
+    started = [ctx.Event() for _ in range(3)]
+    outs = [tmp_path / f"reader-{i}" for i in range(3)]
+    readers = [
+        ctx.Process(
+            target=continuous_reader, args=(str(lock_dir), stop, started[i], 0.005, str(outs[i]))
+        )
+        for i in range(3)
+    ]
+    for p in readers:
+        p.start()
+    try:
+        assert all(e.wait(60) for e in started)
+        writer = DirectoryLocker(lock_dir)
+        for _ in range(3):
+            assert writer.acquire_exclusive_lock(timeout=60)
+            writer.release_lock()
+    finally:
+        stop.set()
+        for p in readers:
+            p.join(30)
+    assert [p.exitcode for p in readers] == [0, 0, 0]
+    assert all(int(o.read_text()) > 0 for o in outs)
+    assert markers(lock_dir) == []
+
+
+if sys.platform != "win32":  # fork, signals, uids: POSIX only
+
+    class TestZombie:
+        @needs_fork
+        @pytest.mark.skipif(sys.platform != "linux", reason="zombie state read from /proc")
+        def test_zombie_holder_is_dead(self, lock_dir: Path) -> None:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                try:
+                    child = DirectoryLocker(lock_dir)
+                    os.write(w, b"1" if child.acquire_exclusive_lock(10) else b"0")
+                    time.sleep(60)
+                finally:
+                    os._exit(1)
+            try:
+                os.close(w)
+                assert os.read(r, 1) == b"1"
+                os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: lockmod._lock_pid_is_zombie(pid), "the zombie")
+                assert _platform.pid_exists(pid)  # kill(pid, 0) still succeeds
+                locker = DirectoryLocker(lock_dir)
+                assert locker.acquire_exclusive_lock(timeout=0)
+                locker.release_lock()
+            finally:
+                os.close(r)
+                _, status = os.waitpid(pid, 0)
+            assert os.WIFSIGNALED(status)
+            assert os.WTERMSIG(status) == signal.SIGKILL
+            assert markers(lock_dir) == []
+
+    @pytest.mark.parametrize("mode", ["exclusive", "shared"])
+    def test_sigkilled_holder_does_not_block(
+        tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lock_dir = tmp_path / "locks"
+        ctx = mp_context()
+        ready = ctx.Event()
+        info = tmp_path / "marker.txt"
+        p = ctx.Process(target=hold_until_killed, args=(str(lock_dir), mode, ready, str(info)))
+        p.start()
+        try:
+            assert ready.wait(60)
+            marker = Path(info.read_text())
+            assert marker.exists()
+            assert not DirectoryLocker(lock_dir).acquire_exclusive_lock(timeout=0)  # live: held
+        finally:
+            p.kill()
+            p.join(30)
+        assert p.exitcode == -signal.SIGKILL
+        assert marker.exists()  # the dead holder left it behind
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker = DirectoryLocker(lock_dir)
+        started = time.perf_counter()
+        assert locker.acquire_exclusive_lock(timeout=0)  # first attempt: no backoff step at all
+        elapsed = time.perf_counter() - started
+        print(f"\nSIGKILLed {mode} holder: next exclusive acquire took {elapsed * 1e3:.2f} ms")
+        assert not marker.exists()
+        assert f"process {p.pid} is gone" in caplog.text
+        locker.release_lock()
+        assert markers(lock_dir) == []
+
+    class TestFork:
+        @needs_fork
+        def test_child_release_is_a_no_op_and_parent_still_holds(self, lock_dir: Path) -> None:
+            locker = DirectoryLocker(lock_dir)
+            assert locker.acquire_exclusive_lock()
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 1
+                try:
+                    locker.release_lock()
+                    ok = locker.exclusive_lock_path.exists() and locker.pid == os.getpid()
+                    # the inherited instance is fresh: it does not think it holds anything
+                    ok = ok and not locker.acquire_shared_lock(timeout=0)
+                    os.write(w, b"1" if ok else b"0")
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            try:
+                assert os.read(r, 1) == b"1"
+            finally:
+                os.close(r)
+                _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert locker.exclusive_lock_path.exists()
+            assert markers(lock_dir) == [locker.exclusive_lock_path.name]
+            locker.release_lock()
+            assert markers(lock_dir) == []
+
+        @needs_fork
+        @needs_proc
+        def test_forked_children_holding_are_never_stale(self, tmp_path: Path) -> None:
+            lock_dir = tmp_path / "locks"
+            DirectoryLocker(lock_dir)  # created before the fork, like a pool's parent
+            ctx = mp_context()
+            ready, release = ctx.Event(), ctx.Event()
+            procs, infos = [], []
+            for i in range(3):
+                info = tmp_path / f"info-{i}.json"
+                p = ctx.Process(
+                    target=hold_then_release,
+                    args=(str(lock_dir), "shared", ready, release, str(info)),
+                )
+                p.start()
+                procs.append(p)
+                infos.append(info)
+                assert ready.wait(60)
+                ready.clear()
+            try:
+                for p, info in zip(procs, infos, strict=True):
+                    data = json.loads(info.read_text())
+                    assert data["ok"]
+                    record = json.loads(data["record"])
+                    assert record["pid"] == data["pid"] == p.pid
+                    assert p.pid is not None
+                    # each child published its own start time, not the parent's
+                    assert record["start"] == _platform.process_start_token(p.pid)
+                    assert record["start"] != _platform.process_start_token(os.getpid())
+                writer = DirectoryLocker(lock_dir)
+                assert not writer.acquire_exclusive_lock(timeout=0.3)
+                assert len(markers(lock_dir)) == 3  # nobody broke a live child's marker
+            finally:
+                release.set()
+                for p in procs:
+                    p.join(30)
+            assert [p.exitcode for p in procs] == [0, 0, 0]
+            assert markers(lock_dir) == []
+            assert writer.acquire_exclusive_lock(timeout=0)
+            writer.release_lock()
+
+        @needs_fork
+        def test_inherited_instance_acquires_as_the_child(self, lock_dir: Path) -> None:
+            locker = DirectoryLocker(lock_dir)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                try:
+                    ok = locker.acquire_exclusive_lock(10)
+                    name = locker.exclusive_lock_path.name
+                    os.write(w, f"{int(ok)} {name}\n".encode())
+                    time.sleep(0.5)
+                    locker.release_lock()
+                finally:
+                    os._exit(0)
+            os.close(w)
+            try:
+                with os.fdopen(r) as f:
+                    flag, name = f.readline().split()
+                assert flag == "1"
+                assert name.startswith(f".lock-exclusive-{pid}-")
+            finally:
+                _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert markers(lock_dir) == []
+
+    @pytest.mark.skipif(not POSIX or os.geteuid() != 0, reason="needs root to drop to uid 65534")
+    class TestUnprivileged:
+        """A directory the caller cannot write fails at once, naming the path."""
+
+        @pytest.fixture
+        def root_owned_dir(self) -> Iterator[Path]:
+            path = Path(tempfile.mkdtemp(prefix="htmlgraph-lock-", dir="/tmp"))
+            path.chmod(0o755)
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path)
+
+        def run_child(self, lock_dir: Path, mode: str) -> dict[str, object]:
+            from _lockhelpers import unprivileged_acquire
+
+            ctx = mp_context()
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=unprivileged_acquire, args=(str(lock_dir), mode, 65534, child))
+            p.start()
+            child.close()
+            assert parent.poll(60)
+            result: dict[str, object] = parent.recv()
+            p.join(30)
+            assert p.exitcode == 0
+            return result
+
+        @pytest.mark.parametrize("mode", ["exclusive", "shared"])
+        def test_not_writable_fails_at_once(self, root_owned_dir: Path, mode: str) -> None:
+            result = self.run_child(root_owned_dir, mode)
+            assert result["error"] == "PermissionError"
+            assert str(result["filename"]).startswith(str(root_owned_dir) + os.sep)
+            assert result["sleeps"] == 0  # no polling until the timeout
+            assert result["listing"] == []
+
+        def test_not_writable_fails_at_once_even_when_contended(self, root_owned_dir: Path) -> None:
+            holder = DirectoryLocker(root_owned_dir)
+            assert holder.acquire_exclusive_lock()
+            result = self.run_child(root_owned_dir, "shared")
+            assert result["error"] == "PermissionError"
+            assert result["sleeps"] == 0
+            assert result["listing"] == [holder.exclusive_lock_path.name]
+            holder.release_lock()
+
+        def test_unreadable_marker_is_held_not_broken(self, root_owned_dir: Path) -> None:
+            root_owned_dir.chmod(0o777)
+            secret = plant(root_owned_dir, "exclusive", pid=os.getpid())
+            secret.chmod(0o600)
+            old = time.time() - 3600
+            os.utime(secret, (old, old))
+            result = self.run_child(root_owned_dir, "shared0")
+            assert result["ok"] is False  # cannot read it: fail closed, even when old
+            assert secret.exists()
+            assert result["listing"] == [secret.name]
+
+        def test_constructor_cannot_create(self, root_owned_dir: Path) -> None:
+            result = self.run_child(root_owned_dir / "sub", "exclusive")
+            assert result["error"] == "PermissionError"
+            assert result["filename"] == str(root_owned_dir / "sub")
