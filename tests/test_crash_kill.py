@@ -18,6 +18,7 @@ import random
 import re
 import sys
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -36,18 +37,22 @@ TARGET = "target.bin"
 _TEMP = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{16}-")
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _start_writer(target: Path, seed: str) -> BaseProcess:
     # fork: the child starts in milliseconds with htmlgraph already imported, so
     # the kill lands inside the write loop rather than in interpreter start-up.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    if sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    proc = multiprocessing.get_context("fork").Process(
+        target=rewrite_forever, args=(str(target), seed)
+    )
+    proc.start()
+    return proc
 
 
 def test_kill9_never_tears_the_target(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     target = tmp_path / TARGET
     target.write_bytes(frame(b"initial"))
-    ctx = _context()
     seen: set[str] = {validate(target.read_bytes())}
     dead_pids: set[int] = set()
     orphans_seen = 0
@@ -55,8 +60,7 @@ def test_kill9_never_tears_the_target(tmp_path: Path) -> None:
     started = time.monotonic()
     next_cleanup = rng.randint(1, 6)
     for kill in range(KILLS):
-        proc = ctx.Process(target=rewrite_forever, args=(str(target), f"{SEED}/{kill}"))
-        proc.start()
+        proc = _start_writer(target, f"{SEED}/{kill}")
         # Mostly short lifetimes (kills land in the first writes, where small
         # and large payloads alternate); sometimes long ones (many writes).
         time.sleep(rng.uniform(0.0, 0.05) if rng.random() < 0.8 else rng.uniform(0.05, 0.4))

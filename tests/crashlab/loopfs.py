@@ -181,6 +181,8 @@ def ficlone(src: str, dst: str) -> None:
 
 def sparse_copy(src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` through the page cache, skipping holes, without any sync."""
+    if sys.platform == "win32":
+        raise OSError("SEEK_DATA/SEEK_HOLE are POSIX-only")
     sfd = os.open(src, os.O_RDONLY)
     try:
         size = os.fstat(sfd).st_size
@@ -311,6 +313,13 @@ class Stage:
         run([*argv, dev, mnt])
         with self._lock:
             self._stack.append(("mount", mnt))
+
+    def bind_readonly(self, src: str, dst: str) -> None:
+        """Bind-mount ``src`` on ``dst`` and make the bind read-only (EROFS there)."""
+        run(["mount", "--bind", src, dst])
+        with self._lock:
+            self._stack.append(("mount", dst))
+        run(["mount", "-o", "remount,bind,ro", dst])
 
     def umount(self, mnt: str) -> None:
         """Unmount a mount made by :meth:`mount` (retrying while busy)."""

@@ -135,6 +135,8 @@ def _durable_file(path: Path, data: bytes) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    if sys.platform == "win32":
+        raise OSError("directories cannot be fsynced on Windows")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -46,6 +46,8 @@ def _library_write(scenario: Scenario, path: str, value: object, durable: bool) 
 
 
 def _fsync_dir(path: str) -> None:
+    if sys.platform == "win32":
+        raise OSError("directories cannot be fsynced on Windows")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
