@@ -24,6 +24,7 @@ import pytest
 
 import _clihelpers
 import htmlgraph
+from _lockhelpers import NaiveLock
 from htmlgraph import DirectoryLocker, _selfcheck, cli
 from htmlgraph.session_registry import SessionRegistry
 
@@ -795,7 +796,7 @@ def test_check_table_output(tmp_path: Path) -> None:
     out = result.stdout.decode()
     for label in (
         "torn reads seen",
-        "writers killed mid-write",
+        "writers killed (SIGKILL)",
         "torn/empty/missing after kill",
         "lost lock-protected updates",
         "orphaned temp files cleaned",
@@ -808,6 +809,16 @@ def test_check_table_output(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert "htmlgraph check: concurrent writers and readers ..." in err
     assert "\r" not in err
+    assert listing(tmp_path) == []
+
+
+def test_check_with_zero_budget_still_tests_everything(tmp_path: Path) -> None:
+    report = _selfcheck.run_check(tmp_path, seconds=0, processes=1)
+    assert report.ok, report.violations()
+    assert report.writes > 0
+    assert report.reads > 0
+    assert report.kills > 0
+    assert report.lock_updates >= 2  # every lock process makes at least one update
     assert listing(tmp_path) == []
 
 
@@ -838,6 +849,17 @@ def test_check_catches_a_broken_writer_in_process(tmp_path: Path) -> None:
     assert report.torn_reads + report.torn_after_kill > 0
     assert any("torn" in line for line in report.violations())
     assert report.lost_updates == 0  # the lock was not what broke
+    assert listing(tmp_path) == []
+
+
+def test_check_catches_a_broken_lock(tmp_path: Path) -> None:
+    # The lock helper's negative control: check-then-create, not exclusive.
+    report = _selfcheck.run_check(tmp_path, seconds=2, processes=4, locker=NaiveLock)
+    assert not report.ok
+    assert report.lost_updates + report.lock_overlaps > 0
+    assert any("lost" in p or "overlapped" in p for p in report.violations())
+    assert report.torn_reads == 0  # the writer was not what broke
+    assert report.torn_after_kill == 0
     assert listing(tmp_path) == []
 
 
@@ -881,7 +903,7 @@ def test_check_with_spawned_children(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_check_report_rendering(capsys: pytest.CaptureFixture[str]) -> None:
     report = _selfcheck.CheckReport(
-        directory="/d", filesystem="ext4", writer="w", seconds=1, processes=2
+        directory="/d", filesystem="ext4", writer="w", locker="l", seconds=1, processes=2
     )
     report.torn_reads, report.lost_updates, report.lock_overlaps = 3, 2, 1
     report.leftovers = [f"f{i}" for i in range(7)]

@@ -50,13 +50,14 @@ from typing import Any, Protocol
 from htmlgraph import _platform
 from htmlgraph.atomic_ops import (
     DirectoryLocker,
-    LockTimeout,
     atomic_write,
     cleanup_orphaned_temp_files,
 )
 
 __all__ = [
     "CheckReport",
+    "LockFactory",
+    "LockLike",
     "Progress",
     "Writer",
     "atomic_writer",
@@ -71,6 +72,23 @@ Writer = Callable[[str, bytes], None]
 
 Progress = Callable[[str, float], None]
 """Called with (phase description, fraction of the whole run done, 0..1)."""
+
+
+class LockLike(Protocol):
+    """The seed's lock API, which :class:`~htmlgraph.atomic_ops.DirectoryLocker` has."""
+
+    def acquire_shared_lock(self, timeout: float = ...) -> bool:
+        """Take the lock shared; False on timeout."""
+
+    def acquire_exclusive_lock(self, timeout: float = ...) -> bool:
+        """Take the lock exclusive; False on timeout."""
+
+    def release_lock(self) -> None:
+        """Release whatever this instance holds."""
+
+
+LockFactory = Callable[[str], LockLike]
+"""Make the lock under test for a lock directory (a class such as DirectoryLocker)."""
 
 _MAGIC = b"htmlgraph-check"
 _TARGET = "target.bin"
@@ -131,6 +149,7 @@ class CheckReport:
     directory: str
     filesystem: str
     writer: str
+    locker: str
     seconds: float
     processes: int
     elapsed: float = 0.0
@@ -187,24 +206,26 @@ class CheckReport:
             return "FAIL" if bad else "ok"
 
         fsync_failed = self.dir_fsync.startswith("failed")
+        orphans_missed = self.orphans_cleaned < self.temps_after_kill
         return [
             ("writes (concurrent + kill loop)", str(self.writes), ""),
             ("reads", str(self.reads), ""),
             ("torn reads seen", str(self.torn_reads), verdict(self.torn_reads > 0)),
-            ("writers killed mid-write", str(self.kills), verdict(self.kills == 0)),
+            ("writers killed (SIGKILL)", str(self.kills), verdict(self.kills == 0)),
             (
                 "torn/empty/missing after kill",
                 str(self.torn_after_kill),
                 verdict(self.torn_after_kill > 0),
             ),
             ("lock-protected updates", str(self.lock_updates), verdict(self.lock_updates == 0)),
+            ("shared-lock reads", str(self.shared_reads), ""),
             (
                 "lost lock-protected updates",
                 str(self.lost_updates),
                 verdict(self.lost_updates != 0),
             ),
             ("overlapping lock holders", str(self.lock_overlaps), verdict(self.lock_overlaps > 0)),
-            ("orphaned temp files cleaned", str(self.orphans_cleaned), ""),
+            ("orphaned temp files cleaned", str(self.orphans_cleaned), verdict(orphans_missed)),
             ("files left after cleanup", str(len(self.leftovers)), verdict(bool(self.leftovers))),
             ("directory fsync supported", self.dir_fsync, verdict(fsync_failed)),
         ]
@@ -225,8 +246,11 @@ class CheckReport:
 def _child_setup() -> None:
     # Ctrl-C reaches the whole process group; the parent decides what to do
     # and stops us itself, so a child must not die with a traceback.
+    # A forked child inherits the CLI's SIGTERM handler (which raises); the
+    # default (die quietly) is right for a child, which holds nothing.
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _writer_child(
@@ -237,10 +261,12 @@ def _writer_child(
     error = ""
     generation = first
     try:
-        while not stop.is_set():
+        while True:  # at least one write, however short the budget
             writer(path, make_content(generation))
             writes += 1
             generation += step
+            if stop.is_set():
+                break
     except Exception as exc:  # reported to the parent, which fails the check
         error = f"writer {first}: {type(exc).__name__}: {exc}"
     conn.send({"writes": writes, "error": error})
@@ -252,7 +278,7 @@ def _reader_child(path: str, stop: Event, conn: Connection) -> None:
     reads = torn = 0
     error = ""
     try:
-        while not stop.is_set():
+        while reads == 0 or not stop.is_set():
             try:
                 with open(path, "rb") as f:
                     data = f.read()
@@ -285,45 +311,55 @@ def _kill_target_child(writer: Writer, path: str, first: int, started: Event) ->
 
 
 def _lock_child(
-    lock_dir: str, counter: str, inside: str, seed: int, stop: Event, conn: Connection
+    locker_factory: LockFactory,
+    lock_dir: str,
+    counter: str,
+    inside: str,
+    seed: int,
+    stop: Event,
+    conn: Connection,
 ) -> None:
     _child_setup()
     rng = random.Random(seed)  # noqa: S311 - choice of operation, not security
-    locker = DirectoryLocker(lock_dir)
+    locker = locker_factory(lock_dir)
     increments = overlaps = shared_reads = 0
     error = ""
     try:
-        while not stop.is_set():
-            if rng.random() < 0.25:
-                try:
-                    with locker.shared(timeout=_LOCK_ATTEMPT):
-                        if os.path.exists(inside):
-                            overlaps += 1  # a writer is inside while we read
-                        with open(counter, "rb") as f:
-                            int(f.read())
-                        shared_reads += 1
-                except LockTimeout:
+        # At least one increment per process, however short the budget (each
+        # attempt is bounded; the parent bounds the whole child).
+        while increments == 0 or not stop.is_set():
+            if increments and rng.random() < 0.25:
+                if not locker.acquire_shared_lock(timeout=_LOCK_ATTEMPT):
                     continue
+                try:
+                    if os.path.exists(inside):
+                        overlaps += 1  # a writer is inside while we read
+                    with open(counter, "rb") as f:
+                        int(f.read())
+                    shared_reads += 1
+                finally:
+                    locker.release_lock()
+                continue
+            if not locker.acquire_exclusive_lock(timeout=_LOCK_ATTEMPT):
                 continue
             try:
-                with locker.exclusive(timeout=_LOCK_ATTEMPT):
-                    try:
-                        os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-                        mine = True
-                    except FileExistsError:
-                        overlaps += 1  # someone else holds the "exclusive" lock
-                        mine = False
-                    with open(counter, "r+b") as f:
-                        value = int(f.read())
-                        time.sleep(0)  # widen the read-modify-write window
-                        f.seek(0)
-                        f.write(b"%d\n" % (value + 1))
-                        f.truncate()
-                    increments += 1
-                    if mine:
-                        os.unlink(inside)
-            except LockTimeout:
-                continue
+                try:
+                    os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                    mine = True
+                except FileExistsError:
+                    overlaps += 1  # someone else holds the "exclusive" lock
+                    mine = False
+                with open(counter, "r+b") as f:
+                    value = int(f.read())
+                    time.sleep(0)  # widen the read-modify-write window
+                    f.seek(0)
+                    f.write(b"%d\n" % (value + 1))
+                    f.truncate()
+                increments += 1
+                if mine:
+                    os.unlink(inside)
+            finally:
+                locker.release_lock()
     except Exception as exc:
         error = f"lock user: {type(exc).__name__}: {exc}"
     conn.send(
@@ -512,7 +548,8 @@ def _phase_kill(run: _Run, report: CheckReport, writer: Writer, directory: str) 
     while time.monotonic() - begin < duration or report.kills == 0:
         if time.monotonic() - begin > duration + _START_TIMEOUT:
             break  # even the first kill could not be made: reported as "no kill"
-        run.report("writers killed mid-write", (time.monotonic() - begin) / duration, share)
+        spent = time.monotonic() - begin
+        run.report("writers killed mid-write", spent / duration if duration else 1.0, share)
         started = run.ctx.Event()
         child = run.start(_kill_target_child, writer, target, generation, started)
         generation += 3
@@ -547,9 +584,10 @@ def _phase_kill(run: _Run, report: CheckReport, writer: Writer, directory: str) 
     )
 
 
-def _phase_lock(run: _Run, report: CheckReport, directory: str) -> None:
+def _phase_lock(run: _Run, report: CheckReport, locker: LockFactory, directory: str) -> None:
     os.mkdir(directory)
     lock_dir = os.path.join(directory, "lock")
+    os.mkdir(lock_dir)
     counter = os.path.join(directory, _COUNTER)
     inside = os.path.join(directory, _INSIDE)
     with open(counter, "wb") as f:
@@ -560,7 +598,7 @@ def _phase_lock(run: _Run, report: CheckReport, directory: str) -> None:
         receive, send = run.ctx.Pipe(duplex=False)
         seed = secrets.randbits(32) + index
         children.append(
-            (run.start(_lock_child, lock_dir, counter, inside, seed, stop, send), receive)
+            (run.start(_lock_child, locker, lock_dir, counter, inside, seed, stop, send), receive)
         )
         send.close()
     run.wait_phase("lock contention", _SHARE_LOCK, stop)
@@ -599,9 +637,9 @@ def _try_dir_fsync(directory: str) -> str:
     return "yes"
 
 
-def _writer_name(writer: Writer) -> str:
-    module = getattr(writer, "__module__", "?")
-    name = getattr(writer, "__qualname__", None) or getattr(writer, "__name__", repr(writer))
+def _qualified_name(thing: object) -> str:
+    module = getattr(thing, "__module__", "?")
+    name = getattr(thing, "__qualname__", None) or getattr(thing, "__name__", repr(thing))
     return f"{module}.{name}"
 
 
@@ -611,6 +649,7 @@ def run_check(
     seconds: float = 10.0,
     processes: int = 4,
     writer: Writer = atomic_writer,
+    locker: LockFactory = DirectoryLocker,
     progress: Progress | None = None,
 ) -> CheckReport:
     """Test ``directory``'s filesystem against htmlgraph's promises; return the report.
@@ -628,6 +667,8 @@ def run_check(
             uses at least 2).
         writer: The writer under test, ``writer(path, data)``; picklable if
             the platform spawns processes.
+        locker: The lock under test, ``locker(lock_dir)`` with the seed's
+            acquire/release API; picklable likewise.
         progress: Called with (phase, fraction done) as the run advances.
 
     Returns:
@@ -647,7 +688,8 @@ def run_check(
     report = CheckReport(
         directory=os.path.abspath(base),
         filesystem=filesystem_type(base),
-        writer=_writer_name(writer),
+        writer=_qualified_name(writer),
+        locker=_qualified_name(locker),
         seconds=seconds,
         processes=processes,
     )
@@ -659,7 +701,7 @@ def run_check(
         run.done_before += _SHARE_READWRITE
         _phase_kill(run, report, writer, os.path.join(scratch, "kill"))
         run.done_before += _SHARE_KILL
-        _phase_lock(run, report, os.path.join(scratch, "lock"))
+        _phase_lock(run, report, locker, os.path.join(scratch, "lock"))
         run.done_before += _SHARE_LOCK
         run.report("directory fsync and cleanup", 0.0, 1.0 - run.done_before)
         report.dir_fsync = _try_dir_fsync(scratch)

@@ -674,13 +674,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if not args.verbose:
         cleanup_logger.setLevel(logging.ERROR)
     try:
-        report = _selfcheck.run_check(
-            directory,
-            seconds=args.seconds,
-            processes=args.processes,
-            writer=writer,
-            progress=progress,
-        )
+        # SIGTERM unwinds like Ctrl-C, so the children are stopped and the
+        # scratch directory removed.
+        with _raise_on_termination():
+            report = _selfcheck.run_check(
+                directory,
+                seconds=args.seconds,
+                processes=args.processes,
+                writer=writer,
+                progress=progress,
+            )
     finally:
         cleanup_logger.setLevel(saved_level)
         progress.close()
@@ -695,7 +698,8 @@ def _format_report(report: CheckReport) -> str:
     lines = [
         f"{_PROG} check {report.directory}",
         f"filesystem: {report.filesystem}; {report.seconds:g} s budget, "
-        f"{report.elapsed:.1f} s taken; {report.processes} processes; writer: {report.writer}",
+        f"{report.elapsed:.1f} s taken; {report.processes} processes",
+        f"writer: {report.writer}; lock: {report.locker}",
         "",
     ]
     rows = report.rows()
@@ -834,7 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=_PROG,
         description=(
-            "Share a directory between processes without corrupting or losing a file: "
+            "Share a directory between processes without corrupting or losing a file:\n"
             "atomic writes, a directory lock, orphan cleanup and a filesystem self-test."
         ),
         epilog=_EPILOG,
