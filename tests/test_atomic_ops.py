@@ -140,6 +140,13 @@ def write_via(
         raise AssertionError(api)
 
 
+def fork() -> int:
+    if sys.platform == "win32":
+        pytest.skip("no fork on Windows")
+    else:
+        return os.fork()
+
+
 def make_fifo(path: Path) -> None:
     if sys.platform == "win32":
         pytest.skip("no FIFOs on Windows")
@@ -2005,3 +2012,145 @@ def test_100mb_payload_is_old_or_new_for_a_concurrent_reader(tmp_path: Path) -> 
     assert len(data) == size
     assert data.count(b"\x03") == size
     assert listing(tmp_path) == ["huge.bin"]
+
+
+class TestThreadsAndForks:
+    def test_threads_writing_one_target_while_a_thread_reads(self, tmp_path: Path) -> None:
+        target = tmp_path / "shared.txt"
+        target.write_text("seed\n" * 10, encoding="utf-8")
+        stop = threading.Event()
+        bad: list[str] = []
+        reads = 0
+
+        def read_loop() -> None:
+            nonlocal reads
+            while not stop.is_set():
+                text = target.read_text(encoding="utf-8")
+                reads += 1
+                lines = text.splitlines()
+                # A whole version is one line repeated; a torn one mixes two.
+                if not lines or len(set(lines)) != 1:
+                    bad.append(text[:60])
+
+        def write_loop(i: int) -> None:
+            for n in range(20):
+                atomic_write(target, f"writer {i} version {n}\n" * (100 * (i + 1)), durable=False)
+
+        reader = threading.Thread(target=read_loop)
+        reader.start()
+        writers = [threading.Thread(target=write_loop, args=(i,)) for i in range(6)]
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join(JOIN_TIMEOUT)
+        stop.set()
+        reader.join(JOIN_TIMEOUT)
+        assert not reader.is_alive()
+        assert not any(t.is_alive() for t in writers)
+        assert bad == []
+        assert reads > 0
+        assert re.fullmatch(r"(writer \d version 19\n)+", target.read_text(encoding="utf-8"))
+        assert listing(tmp_path) == ["shared.txt"]
+
+    @posix_only
+    def test_forked_child_names_temps_with_its_own_pid(self, tmp_path: Path) -> None:
+        # A temp named after the parent would be spared while the parent lives and
+        # removed, under a live child, once the parent is gone.
+        with AtomicFileWriter(tmp_path / "parent.txt") as f:  # warm any pid cache
+            f.write("p")
+        read_fd, write_fd = os.pipe()
+        pid = fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.close(read_fd)
+                writer = AtomicFileWriter(tmp_path / "child.txt")
+                writer.open().write("c")
+                assert writer.temp_path is not None
+                os.write(write_fd, writer.temp_path.name.encode())
+                writer.commit()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            name = pipe.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        match = TEMP_NAME_RE.match(name)
+        assert match is not None, name
+        assert int(match["pid"]) == pid
+        assert listing(tmp_path) == ["child.txt", "parent.txt"]
+
+
+_STREAM_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    from htmlgraph import AtomicFileWriter
+    block = b"z" * (1 << 20)
+    with AtomicFileWriter(sys.argv[1], mode="wb", durable=False) as f:
+        for _ in range(int(sys.argv[2])):
+            f.write(block)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """
+)
+
+
+@pytest.mark.slow
+@linux_only
+def test_streaming_write_memory_stays_flat(tmp_path: Path) -> None:
+    target = tmp_path / "stream.bin"
+    megabytes = 300
+    proc = run_python(_STREAM_CHILD, str(target), str(megabytes), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    max_rss_kib = int(proc.stdout)
+    assert max_rss_kib < 100 * 1024, f"peak RSS {max_rss_kib} KiB for a {megabytes} MiB write"
+    assert os.stat(target).st_size == megabytes << 20
+    assert listing(tmp_path) == ["stream.bin"]
+
+
+class TestKernelErrors:
+    @linux_only
+    @pytest.mark.parametrize("api", ["context", "atomic_write", "json"])
+    def test_read_only_mount_is_erofs(self, tmp_path: Path, api: str) -> None:
+        with tmpfs(tmp_path / "ro", size="1m") as mnt:
+            target = mnt / "t.txt"
+            target.write_text("old", encoding="utf-8")
+            remount = subprocess.run(
+                ["mount", "-o", "remount,ro", str(mnt)], capture_output=True, timeout=30
+            )
+            if remount.returncode != 0:
+                pytest.skip(f"cannot remount read-only: {remount.stderr!r}")
+            with pytest.raises(OSError, match="Read-only") as info:
+                write_via(api, target, "new")
+            assert info.value.errno == errno.EROFS
+            assert target.read_text(encoding="utf-8") == "old"
+            assert listing(mnt) == ["t.txt"]
+
+    @posix_only
+    @pytest.mark.parametrize("api", ["context", "atomic_write"])
+    def test_file_size_limit_is_efbig(self, tmp_path: Path, api: str) -> None:
+        code = textwrap.dedent(
+            """
+            import errno, resource, signal, sys
+            from htmlgraph import AtomicFileWriter, atomic_write
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG, not a signal death
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+            try:
+                if sys.argv[2] == "context":
+                    with AtomicFileWriter(sys.argv[1], mode="wb") as f:
+                        for _ in range(3):
+                            f.write(b"y" * (1 << 20))
+                else:
+                    atomic_write(sys.argv[1], b"y" * (3 << 20))
+            except OSError as exc:
+                sys.exit(0 if exc.errno == errno.EFBIG else 2)
+            sys.exit(1)
+            """
+        )
+        target = tmp_path / "t.bin"
+        target.write_bytes(b"old")
+        proc = run_python(code, str(target), api)
+        assert proc.returncode == 0, proc.stderr
+        assert target.read_bytes() == b"old"
+        assert listing(tmp_path) == ["t.bin"]
