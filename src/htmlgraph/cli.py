@@ -910,7 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run a command while holding DIR's lock",
         "Run CMD while holding the DirectoryLocker lock of DIR (exclusive by\n"
         "default), like flock(1). The lock is released when CMD exits, however it\n"
-        "exits; SIGTERM/SIGHUP/SIGINT sent to 'htmlgraph lock' are forwarded to CMD.\n\n"
+        "exits; SIGTERM/SIGHUP/SIGINT sent to 'htmlgraph lock' are forwarded to CMD\n"
+        "(a Ctrl-C at the terminal already reaches CMD directly). On Linux CMD is\n"
+        "killed if 'htmlgraph lock' itself is killed, so it never runs unlocked.\n\n"
         "exit: CMD's status (128+N if CMD was killed by signal N), 75 timeout,\n"
         "126 CMD not executable, 127 CMD not found, 1 error, 2 usage.",
         usage="%(prog)s [-h] [-v] [--shared] [--timeout S] DIR -- CMD ARGS...",
@@ -1006,7 +1008,8 @@ def build_parser() -> argparse.ArgumentParser:
         "list, show, archive or reap session-registry entries",
         "Inspect and maintain a SessionRegistry (default registry directory:\n"
         ".htmlgraph/sessions/registry under the current directory).\n\n"
-        "exit: 0 done, 1 no such instance or error, 2 usage (also an unsafe id).",
+        "exit: 0 done, 1 no such instance or error, 2 usage (also an unsafe id),\n"
+        "75 the registry's lock was not acquired in time.",
     )
     session_commands = sessions.add_subparsers(dest="sessions_cmd", metavar="ACTION", required=True)
     registry_opts = _Parser(add_help=False)
@@ -1040,7 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=None,
         metavar="S",
-        help="also reap instances idle for more than S seconds (default: the registry's)",
+        help="also reap instances idle for more than S seconds (default 86400: one day)",
     )
     return parser
 
