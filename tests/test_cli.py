@@ -989,11 +989,12 @@ def test_sessions_commands(tmp_path: Path) -> None:
 
     listed = json.loads(run_cli("sessions", "list", "--json", *reg).stdout)
     assert sorted(entry["instance_id"] for entry in listed) == sorted([mine, gone])
-    table = run_cli("sessions", "list", *reg).stdout.decode()
-    assert "PROCESS" in table
-    assert f"{mine}\tsession-a" in table
-    assert "\talive\t" in table
-    assert "\tgone\t" in table
+    table = run_cli("sessions", "list", *reg).stdout.decode().splitlines()
+    assert table[0].split() == ["INSTANCE", "SESSION", "PID", "HOST", "PROCESS", "LAST", "ACTIVITY"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows[mine][1:5] == ["session-a", str(os.getpid()), rows[mine][3], "alive"]
+    assert rows[gone][1] == "session-b"
+    assert rows[gone][4] == "gone"
 
     shown = run_cli("sessions", "show", mine, "--json", *reg)
     assert shown.returncode == 0

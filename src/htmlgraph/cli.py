@@ -726,8 +726,8 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-def _session_row(entry: Mapping[str, object], state: str) -> str:
-    fields = [
+def _session_row(entry: Mapping[str, object], state: str) -> list[str]:
+    return [
         str(entry.get("instance_id", "?")),
         str(entry.get("session_id", "-")),
         str(entry.get("pid", "-")),
@@ -735,7 +735,14 @@ def _session_row(entry: Mapping[str, object], state: str) -> str:
         state,
         str(entry.get("last_activity", "-")),
     ]
-    return "\t".join(fields)
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def _cmd_sessions_list(args: argparse.Namespace) -> int:
@@ -749,9 +756,9 @@ def _cmd_sessions_list(args: argparse.Namespace) -> int:
     if not sessions:
         print("no active sessions", file=sys.stderr)
         return EXIT_OK
-    print("\t".join(["INSTANCE", "SESSION", "PID", "HOST", "PROCESS", "LAST ACTIVITY"]))
-    for entry in sessions:
-        print(_session_row(entry, registry.process_state(entry)))
+    rows = [["INSTANCE", "SESSION", "PID", "HOST", "PROCESS", "LAST ACTIVITY"]]
+    rows.extend(_session_row(entry, registry.process_state(entry)) for entry in sessions)
+    _print_table(rows)
     return EXIT_OK
 
 
