@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -998,3 +999,84 @@ if sys.platform != "win32":  # fork, signals, uids: POSIX only
             result = self.run_child(root_owned_dir / "sub", "exclusive")
             assert result["error"] == "PermissionError"
             assert result["filename"] == str(root_owned_dir / "sub")
+
+
+class TestWindowsUnlinkSimulated:
+    """The Windows branch of marker removal, exercised by simulation."""
+
+    def test_retries_while_a_reader_holds_the_marker_open(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        target = tmp_path / "marker"
+        target.write_text("x")
+        real_unlink = os.unlink
+        calls: list[str] = []
+
+        def busy_twice(path: str) -> None:
+            calls.append(path)
+            if len(calls) <= 2:
+                raise PermissionError(13, "sharing violation", path)
+            real_unlink(path)
+
+        monkeypatch.setattr(_platform, "IS_WINDOWS", True)
+        monkeypatch.setattr(os, "unlink", busy_twice)
+        lockmod._lock_unlink(str(target))
+        assert len(calls) == 3
+        assert not target.exists()
+
+    def test_gives_up_after_ten_tries(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        calls: list[str] = []
+
+        def always_busy(path: str) -> None:
+            calls.append(path)
+            raise PermissionError(13, "sharing violation", path)
+
+        monkeypatch.setattr(_platform, "IS_WINDOWS", True)
+        monkeypatch.setattr(os, "unlink", always_busy)
+        with pytest.raises(PermissionError):
+            lockmod._lock_unlink(str(tmp_path / "marker"))
+        assert len(calls) == 10
+
+    def test_posix_does_not_retry(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        calls: list[str] = []
+
+        def denied(path: str) -> None:
+            calls.append(path)
+            raise PermissionError(13, "denied", path)
+
+        monkeypatch.setattr(_platform, "IS_WINDOWS", False)
+        monkeypatch.setattr(os, "unlink", denied)
+        with pytest.raises(PermissionError):
+            lockmod._lock_unlink(str(tmp_path / "marker"))
+        assert len(calls) == 1
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="needs root on Linux to mount a read-only tmpfs",
+)
+def test_read_only_filesystem_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
+) -> None:
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        locker = DirectoryLocker(mnt)  # exists: the constructor need not write
+        with pytest.raises(OSError, match=r"[Rr]ead-only") as info:
+            locker.acquire_exclusive_lock(timeout=30)
+        assert info.value.errno == errno.EROFS
+        assert str(info.value.filename).startswith(str(mnt) + os.sep)
+        assert sleeps == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
