@@ -169,6 +169,9 @@ def fmt_ratio(value: float | None) -> str:
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Render a GitHub-flavoured Markdown table with aligned columns."""
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, header {len(headers)}: {row}")
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):

@@ -342,6 +342,7 @@ def bench_throughput(
             bad += t.lost_updates + t.torn_reads
         ours_row = acc.get(("htmlgraph DirectoryLocker", 0))
         row.append(fmt_ratio(acc[(lib, 0)].ops_per_s / ours_row.ops_per_s) if ours_row else "-")
+        row.append(f"{acc[(lib, 0)].fairness:.2f}")
         row.append(str(bad))
         rows.append(row)
     headers = [

@@ -170,6 +170,86 @@ def ablation(reps: int) -> str:
     )
 
 
+def _lock_step(d: str, *, record: bool, chmod: bool, rename: bool, scan: bool) -> Op:
+    """One acquire+release built from bare os calls, adding our protocol's steps."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    payload = b'{"pid":1,"host":"h","pidns":"pid:[1]","start":"x:1","created":1.0,"mode":"x"}' * 2
+
+    def op() -> None:
+        name = f".lock-exclusive-{os.getpid()}-{secrets.token_hex(8)}"
+        final = os.path.join(d, name)
+        path = os.path.join(d, ".lock-pending-" + name[16:]) if rename else final
+        fd = os.open(path, flags, 0o644)
+        try:
+            if chmod:
+                os.fchmod(fd, 0o644)
+            if record:
+                os.write(fd, payload)
+        finally:
+            os.close(fd)
+        if rename:
+            os.path.lexists(final)
+            os.rename(path, final)
+        if scan:
+            os.listdir(d)
+        os.unlink(final)
+
+    return op
+
+
+def lock_ablation(base_dir: Path | None, reps: int) -> str:
+    """Attribute our uncontended lock cost to the steps of the protocol (on the bench fs)."""
+    locker_cls = ours("DirectoryLocker")
+    if locker_cls is None:
+        return ""
+    base = Path(tempfile.mkdtemp(prefix="htmlgraph-lockabl-", dir=base_dir))
+    steps = [
+        ("create + close + unlink (floor-marker)", False, False, False, False),
+        ("+ write the record", True, False, False, False),
+        ("+ fchmod", True, True, False, False),
+        ("+ pending name, lexists, rename", True, True, True, False),
+        ("+ one directory scan (= our syscalls)", True, True, True, True),
+    ]
+    variants: list[tuple[str, Op]] = []
+    try:
+        for i, (name, rec, chm, ren, scn) in enumerate(steps):
+            d = base / f"c{i}"
+            d.mkdir()
+            variants.append((name, _lock_step(str(d), record=rec, chmod=chm, rename=ren, scan=scn)))
+        for mode in ("exclusive", "shared"):
+            d = base / mode
+            d.mkdir()
+            locker = locker_cls(str(d))
+            acquire = getattr(locker, f"acquire_{mode}_lock")
+            variants.append((f"htmlgraph DirectoryLocker {mode}", _lock_cycle(acquire, locker)))
+        res = round_robin(variants, reps, warmup=20)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    rows = []
+    prev: float | None = None
+    for name, _ in variants:
+        med = res[name].median
+        delta = f"+{fmt_time(med - prev)}" if prev is not None and name.startswith("+") else ""
+        rows.append([name, fmt_time(med), delta])
+        prev = med
+    return (
+        f"### Lock ablation on the bench filesystem ({reps} interleaved reps, median)\n\n"
+        + md_table(["variant", "median", "step cost"], rows)
+        + "\n"
+    )
+
+
+def _lock_cycle(acquire: Callable[..., object], locker: object) -> Op:
+    release = getattr(locker, "release_lock")  # noqa: B009 - typed as object on purpose
+
+    def op() -> None:
+        if acquire(timeout=5) is not True:
+            raise RuntimeError("uncontended acquire failed")
+        release()
+
+    return op
+
+
 def python_profile(n: int) -> str:
     """cProfile of n fast writes on tmpfs: calls per write and top Python functions."""
     write = ours("atomic_write")
@@ -210,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description="profile htmlgraph's hot paths")
     parser.add_argument("--reps", type=int, default=3000, help="ablation repetitions")
+    parser.add_argument("--lock-reps", type=int, default=1500, help="lock ablation repetitions")
+    parser.add_argument("--dir", type=Path, default=None, help="bench filesystem (default $TMPDIR)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="htmlgraph-profile-"))
     try:
@@ -217,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(syscall_diff(work))
         print(ablation(args.reps))
         print(python_profile(3000))
+        print(lock_ablation(args.dir, args.lock_reps))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

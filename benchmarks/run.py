@@ -18,6 +18,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
@@ -209,33 +211,58 @@ def main(argv: list[str] | None = None) -> int:
         json_case = None
         locks = None
         cleanup_points = None
-        if "writes" in only:
-            writes = bench_sizes(base, traces, args.quick, log)
-            out += ["## Writes (overwrite of an existing file)", ""]
+
+        def section(name: str, fn: Callable[[], list[str]]) -> None:
+            # One failing section must not throw away the others' numbers.
+            if name not in only:
+                return
+            try:
+                out.extend(fn())
+            except Exception:
+                log(f"section {name} FAILED:\n{traceback.format_exc()}")
+                out.extend([f"## {name}: FAILED", "", "```", traceback.format_exc(), "```", ""])
+
+        def do_writes() -> list[str]:
+            writes.extend(bench_sizes(base, traces, args.quick, log))
+            lines = ["## Writes (overwrite of an existing file)", ""]
             for c in writes:
-                out += [c.table(), ""]
-        if "json" in only:
+                lines += [c.table(), ""]
+            return lines
+
+        def do_json() -> list[str]:
+            nonlocal json_case
             json_case = bench_json(base, traces, args.quick, log)
-            out += [
-                json_case.table(("json.dumps + floor-durable", "json.dumps + floor-fast")),
-                "",
-            ]
-        if "reads" in only:
-            out += ["## Reads", ""]
+            return [json_case.table(("json.dumps + floor-durable", "json.dumps + floor-fast")), ""]
+
+        def do_reads() -> list[str]:
+            lines = ["## Reads", ""]
             for c in bench_reads(base, args.quick, log):
-                out += [c.table(("open().read()",)), ""]
-        if "locks" in only:
+                lines += [c.table(("open().read()",)), ""]
+            return lines
+
+        def do_locks() -> list[str]:
+            nonlocal locks
             locks = bench_uncontended(base, args.quick, log)
-            out += ["## Locks", ""]
-            out += [locks.table(("floor-marker", "filelock.SoftFileLock")), ""]
-        if "throughput" in only:
+            return ["## Locks", "", locks.table(("floor-marker", "filelock.SoftFileLock")), ""]
+
+        def do_throughput() -> list[str]:
             table, _ = bench_throughput(base, args.quick, log)
-            out += [table, ""]
-        if "cleanup" in only:
+            return [table, ""]
+
+        def do_cleanup() -> list[str]:
+            nonlocal cleanup_points
             res = bench_cleanup(base, args.quick, log)
-            if res is not None:
-                table, cleanup_points = res
-                out += ["## Cleanup", "", table, ""]
+            if res is None:
+                return ["## Cleanup", "", "skipped: cleanup_orphaned_temp_files not found", ""]
+            table, cleanup_points = res
+            return ["## Cleanup", "", table, ""]
+
+        section("writes", do_writes)
+        section("json", do_json)
+        section("reads", do_reads)
+        section("locks", do_locks)
+        section("throughput", do_throughput)
+        section("cleanup", do_cleanup)
         out.append(evaluate_targets(writes, json_case, traces, locks, cleanup_points))
         out.append("")
     finally:

@@ -176,7 +176,7 @@ def bench_json(
         with open(target, "wb") as f:
             f.write(b"{}\n")
         contenders.append((w.name, _bind_json(w.fn, target, doc)))
-    reps = 8 if quick else 40
+    reps = 6 if quick else 25
     log(f"json: {nbytes} bytes, {len(contenders)} contenders x {reps} reps")
     series = round_robin(contenders, reps, before_each=os.sync)
     case = CaseResult(
