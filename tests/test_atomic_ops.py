@@ -2085,13 +2085,16 @@ class TestThreadsAndForks:
 
 _STREAM_CHILD = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     from htmlgraph import AtomicFileWriter
     block = b"z" * (1 << 20)
     with AtomicFileWriter(sys.argv[1], mode="wb", durable=False) as f:
         for _ in range(int(sys.argv[2])):
             f.write(block)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # VmHWM: this process's own peak RSS (getrusage's maxrss survives exec and
+    # would report the forking parent's size).
+    with open("/proc/self/status") as status:
+        print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
     """
 )
 
