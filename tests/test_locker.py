@@ -732,6 +732,28 @@ class TestDirectory:
         locker.release_lock()
         assert calls == [str(locker.shared_lock_path)]  # state cleared: not retried
 
+    @pytest.mark.parametrize("mode", ["shared", "exclusive"])
+    def test_error_after_publish_withdraws_the_claim(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    ) -> None:
+        calls: list[str] = []
+
+        def broken_listdir(path: str) -> list[str]:
+            calls.append(os.listdir(path)[0])  # our claim is on disk at this point
+            raise OSError(errno.EIO, "I/O error", path)
+
+        monkeypatch.setattr(lockmod, "_lock_listdir", broken_listdir)
+        locker = DirectoryLocker(lock_dir)
+        acquire = locker.acquire_shared_lock if mode == "shared" else locker.acquire_exclusive_lock
+        with pytest.raises(OSError, match="I/O error"):
+            acquire(5)
+        assert len(calls) == 1
+        assert calls[0].startswith(f".lock-{mode}-")
+        assert os.listdir(lock_dir) == []  # withdrawn before the error propagated
+        monkeypatch.setattr(lockmod, "_lock_listdir", os.listdir)
+        assert acquire(0)
+        locker.release_lock()
+
     def test_interrupt_while_waiting_leaves_no_marker(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -375,6 +375,7 @@ class DirectoryLocker:
         self._mode: _LockMode | None = None
         self._depth = 0
         self._marker: str | None = None  # full path of the marker we hold
+        self._claim: str | None = None  # name of our published, not (yet) held marker
         # Only the owning thread touches these two caches.
         self._seen: dict[str, _LockSeen] = {}
         self._pending_seen: dict[str, float] = {}
@@ -546,16 +547,14 @@ class DirectoryLocker:
     def _run(self, mode: _LockMode, deadline: float | None) -> str | None:
         """Run the marker protocol; return the held marker's path or None on timeout."""
         ticket_time = f"{time.time_ns():020d}"  # fixed for this call: age priority
-        mine: str | None = None  # our marker, published and not yet withdrawn
         attempt = 0
         step = 0  # backoff step; back to the first when a marker we saw is gone
         last_view: frozenset[str] = frozenset()
         try:
             while True:
-                mine, held = self._attempt(mode, mine, ticket_time, first=attempt == 0)
-                if held and mine is not None:
-                    path = os.path.join(self._dir, mine)
-                    mine = None  # the instance owns it now; keep it on the way out
+                if self._attempt(mode, ticket_time, first=attempt == 0) and self._claim:
+                    path = os.path.join(self._dir, self._claim)
+                    self._claim = None  # the instance owns it now: keep it on the way out
                     _lock_logger.debug("acquired %s lock %s", mode, path)
                     return path
                 now = _lock_clock()
@@ -573,13 +572,13 @@ class DirectoryLocker:
                 _lock_sleep(delay)
                 attempt += 1
         finally:
-            if mine is not None:
-                self._withdraw(mine)
+            # Timeout or any exception (KeyboardInterrupt included) at any
+            # point after a publish: take our claim back.
+            if self._claim is not None:
+                self._withdraw()
 
-    def _attempt(
-        self, mode: _LockMode, mine: str | None, ticket_time: str, *, first: bool
-    ) -> tuple[str | None, bool]:
-        """Make one attempt; return (our marker name or None, whether the lock is held).
+    def _attempt(self, mode: _LockMode, ticket_time: str, *, first: bool) -> bool:
+        """Make one attempt; return whether the lock is now held (by ``self._claim``).
 
         The first attempt publishes at once: an uncontended acquire then costs
         one publish and one scan, and a directory we cannot write fails at
@@ -588,23 +587,26 @@ class DirectoryLocker:
         """
         if mode == "shared":
             if not first and self._readers_blocked(self._scan(None)):
-                return None, False
+                return False
             mine = self._publish("shared", lambda: _lock_token(8))
             if not self._readers_blocked(self._scan(mine)):
-                return mine, True
-            self._withdraw(mine)  # a writer is waiting or holding: it goes first
-            return None, False
-        if mine is None:
-            if not first and self._writer_verdict(self._scan(None), ticket_time) == "yield":
-                return None, False
-            mine = self._publish("exclusive", lambda: ticket_time + _lock_token(4))
-        verdict = self._writer_verdict(self._scan(mine), _lock_name_ticket(mine))
+                return True
+            self._withdraw()  # a writer is waiting or holding: it goes first
+            return False
+        if (
+            self._claim is None
+            and not first
+            and self._writer_verdict(self._scan(None), ticket_time) == "yield"
+        ):
+            return False
+        claim = self._claim or self._publish("exclusive", lambda: ticket_time + _lock_token(4))
+        verdict = self._writer_verdict(self._scan(claim), _lock_name_ticket(claim))
         if verdict == "yield":
-            self._withdraw(mine)
-            return None, False
+            self._withdraw()
+            return False
         # "wait": we are the oldest visible claimant; keep the marker (new
         # readers see it and withdraw) while the holders drain.
-        return mine, verdict == "hold"
+        return verdict == "hold"
 
     # ------------------------------------------------------------- verdicts
     def _readers_blocked(self, scan: tuple[list[str], list[str]] | None) -> bool:
@@ -678,6 +680,7 @@ class DirectoryLocker:
                 with contextlib.suppress(OSError):
                     _lock_unlink(pending)
                 raise
+            self._claim = name
             if mode == "shared":
                 self._shared_path = final
             else:
@@ -689,11 +692,13 @@ class DirectoryLocker:
             self._dir,
         )
 
-    def _withdraw(self, name: str) -> None:
-        """Remove our own not-held marker (contention, timeout or exception)."""
-        # FileNotFoundError: the directory was deleted; nothing left to withdraw.
-        with contextlib.suppress(FileNotFoundError):
-            _lock_unlink(os.path.join(self._dir, name))
+    def _withdraw(self) -> None:
+        """Remove our published, not-held marker (contention, timeout or exception)."""
+        name, self._claim = self._claim, None
+        if name is not None:
+            # FileNotFoundError: the directory was deleted; nothing left to withdraw.
+            with contextlib.suppress(FileNotFoundError):
+                _lock_unlink(os.path.join(self._dir, name))
 
     def _scan(self, mine: str | None) -> tuple[list[str], list[str]] | None:
         """List the directory: (shared, exclusive) marker names other than ``mine``.
