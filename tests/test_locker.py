@@ -626,6 +626,23 @@ class TestStaleMarkers:
         assert "unreadable" in caplog.text
         locker.release_lock()
 
+    def test_stale_marker_that_cannot_be_removed_is_ignored_quietly(
+        self, lock_dir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lock_dir.mkdir()
+        odd = lock_dir / f".lock-exclusive-{os.getpid()}-{'0' * 28}"
+        odd.mkdir()  # not a file: unreadable, and unlink() refuses it
+        old = time.time() - 60
+        os.utime(odd, (old, old))
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker = DirectoryLocker(lock_dir)
+        for _ in range(3):
+            assert locker.acquire_exclusive_lock(timeout=0)
+            locker.release_lock()
+        assert odd.is_dir()
+        warnings = [r for r in caplog.records if "could not be removed" in r.getMessage()]
+        assert len(warnings) == 1
+
     def test_orphaned_pending_file_is_swept(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -277,13 +277,14 @@ def _lock_parse_record(data: bytes, name_pid: int | None) -> _LockRecord | None:
 class _LockSeen:
     """What one scanner knows about one marker (records never change once visible)."""
 
-    __slots__ = ("forbidden", "mtime", "record", "verified_at")
+    __slots__ = ("dead", "forbidden", "mtime", "record", "verified_at")
 
     def __init__(self, record: _LockRecord | None, mtime: float, *, forbidden: bool) -> None:
         self.record = record
         self.mtime = mtime
         self.forbidden = forbidden
         self.verified_at = -math.inf
+        self.dead = False  # proven stale but could not be removed
 
 
 def _lock_name_pid(name: str, prefix: str) -> int | None:
@@ -757,6 +758,8 @@ class DirectoryLocker:
     def _live(self, name: str, prefix: str) -> bool:
         """Return whether marker ``name`` counts as held; break it if proven stale."""
         seen = self._seen.get(name)
+        if seen is not None and seen.dead:
+            return False
         if seen is None or (seen.record is None and not seen.forbidden):
             try:
                 seen = self._read(name, prefix)
@@ -825,7 +828,7 @@ class DirectoryLocker:
         Marker names are never reused, so the name cannot have passed to a
         live holder between our verdict and the unlink.
         """
-        self._seen.pop(name, None)
+        seen = self._seen.pop(name, None)
         path = os.path.join(self._dir, name)
         try:
             _lock_unlink(path)
@@ -833,6 +836,10 @@ class DirectoryLocker:
             return
         except OSError as exc:
             # Proven dead, so ignoring it is still safe; it just stays on disk.
+            # Remember the verdict so that we neither retry nor warn on every scan.
+            if seen is not None:
+                seen.dead = True
+                self._seen[name] = seen
             _lock_logger.warning(
                 "stale lock marker %s (%s) could not be removed: %s", path, why, exc
             )
