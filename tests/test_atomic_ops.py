@@ -2157,3 +2157,115 @@ class TestKernelErrors:
         assert proc.returncode == 0, proc.stderr
         assert target.read_bytes() == b"old"
         assert listing(tmp_path) == ["t.bin"]
+
+
+class _BytesPathLike:
+    """An os.PathLike whose __fspath__ returns bytes (we accept str paths only)."""
+
+    def __fspath__(self) -> bytes:
+        return b"/tmp/bytes"
+
+
+class TestEdgeCases:
+    def test_pathlike_returning_bytes_is_rejected(self) -> None:
+        with pytest.raises(TypeError, match="bytes"):
+            atomic_write(_BytesPathLike(), "x")  # type: ignore[arg-type]
+
+    def test_trailing_separator_means_a_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(IsADirectoryError) as info:
+            atomic_write(str(tmp_path / "name") + os.sep, "x")
+        assert_names(info.value, tmp_path / "name")
+        assert listing(tmp_path) == []
+
+    @pytest.mark.parametrize(
+        ("options", "error"),
+        [
+            ({"encoding": "no-such-codec"}, LookupError),
+            ({"newline": "\t"}, ValueError),
+        ],
+        ids=["encoding", "newline"],
+    )
+    @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+    def test_bad_text_options_leave_nothing(
+        self, tmp_path: Path, options: dict[str, str], error: type[Exception], existing: bool
+    ) -> None:
+        target = tmp_path / "t.txt"
+        if existing:
+            target.write_text("old", encoding="utf-8")
+        with pytest.raises(error):
+            AtomicFileWriter(target, **options).open()  # type: ignore[call-overload]
+        assert listing(tmp_path) == (["t.txt"] if existing else [])
+        if "encoding" in options:
+            with pytest.raises(error):
+                atomic_write(target, "x", encoding=options["encoding"])
+            assert listing(tmp_path) == (["t.txt"] if existing else [])
+        if existing:
+            assert target.read_text(encoding="utf-8") == "old"
+
+    def test_every_temp_name_taken(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        squatter = tmp_path / f".tmp-{os.getpid()}-{'a' * 16}-t.txt"
+        squatter.write_text("taken", encoding="utf-8")
+        calls: list[int] = []
+
+        def stuck(nbytes: int = 8) -> str:
+            calls.append(nbytes)
+            return "a" * 16
+
+        monkeypatch.setattr(atomic_ops, "_random_token", stuck)
+        with pytest.raises(FileExistsError, match="temp name"):
+            atomic_write(tmp_path / "t.txt", "x")
+        assert len(calls) > 1  # it did retry with fresh tokens before giving up
+        assert listing(tmp_path) == [squatter.name]
+        assert squatter.read_text(encoding="utf-8") == "taken"
+
+    def test_memoryview_of_wide_items_is_written_whole(self, tmp_path: Path) -> None:
+        from array import array
+
+        numbers = array("i", range(10_000))
+        target = tmp_path / "ints.bin"
+        atomic_write(target, memoryview(numbers))  # type: ignore[arg-type]
+        assert target.read_bytes() == numbers.tobytes()
+
+    def test_repr_names_target_and_mode(self, tmp_path: Path) -> None:
+        writer = AtomicFileWriter(tmp_path / "r.bin", mode="wb")
+        assert str(tmp_path / "r.bin") in repr(writer)
+        assert "wb" in repr(writer)
+
+    def test_zero_retries_still_reads_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        sleeps: list[float] = []
+        monkeypatch.setattr("htmlgraph.atomic_ops.time.sleep", sleeps.append)
+        (tmp_path / "f").write_text("once", encoding="utf-8")
+        assert AtomicFileWriter.safe_read_with_retry(tmp_path / "f", max_retries=0) == "once"
+        with pytest.raises(FileNotFoundError):
+            AtomicFileWriter.safe_read_with_retry(tmp_path / "g", max_retries=0)
+        assert sleeps == []
+
+    @pytest.mark.parametrize("prefix", ["a/b", "x\0", "../up"])
+    def test_safe_temp_file_rejects_path_like_prefixes(self, tmp_path: Path, prefix: str) -> None:
+        with pytest.raises(ValueError, match="prefix"):
+            safe_temp_file(tmp_path / "base", prefix=prefix)
+
+    def test_threads_creating_the_same_new_directories(self, tmp_path: Path) -> None:
+        # Every writer needs tmp/new/deep/er: the mkdir races must all succeed.
+        errors: list[BaseException] = []
+        start = threading.Barrier(8)
+        deep = tmp_path / "new" / "deep" / "er"
+
+        def work(i: int) -> None:
+            try:
+                start.wait(30)
+                atomic_write(deep / f"f{i}", str(i))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_TIMEOUT)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert listing(deep) == sorted(f"f{i}" for i in range(8))
+        assert listing(tmp_path) == ["new"]
