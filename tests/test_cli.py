@@ -91,6 +91,12 @@ def temps(directory: Path) -> list[str]:
 
 def process_gone(pid: int) -> bool:
     """True if ``pid`` no longer runs (a zombie awaiting its reaper counts as gone)."""
+    if not os.path.isdir("/proc/self"):  # macOS: no /proc; a zombie still counts as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -522,9 +528,10 @@ def test_lock_shared_with_shared_holder(tmp_path: Path) -> None:
     holder = DirectoryLocker(lock_dir)
     assert holder.acquire_shared_lock(timeout=5)
     try:
-        shared = run_cli("lock", "--shared", "--timeout", "0", str(lock_dir), "--", "true")
+        noop = [sys.executable, "-c", ""]
+        shared = run_cli("lock", "--shared", "--timeout", "0", str(lock_dir), "--", *noop)
         assert shared.returncode == 0, shared.stderr
-        exclusive = run_cli("lock", "--timeout", "0", str(lock_dir), "--", "true")
+        exclusive = run_cli("lock", "--timeout", "0", str(lock_dir), "--", *noop)
         assert exclusive.returncode == 75
     finally:
         holder.release_lock()
@@ -545,6 +552,16 @@ def test_lock_command_not_found_or_not_executable(tmp_path: Path) -> None:
         assert b"cannot execute" in result.stderr
     assert listing(lock_dir) == []
     assert lock_is_free(lock_dir)
+
+
+def test_lock_dir_that_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("lock", "--timeout", "1", str(blocker), "--", sys.executable, "-c", "")
+    assert result.returncode == 1
+    assert str(blocker).encode() in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert listing(tmp_path) == ["file"]
 
 
 @posix_only
@@ -751,7 +768,7 @@ def assert_clean_check(
     assert report["lost_updates"] == 0
     assert report["lock_overlaps"] == 0
     assert report["leftovers"] == []
-    assert report["dir_fsync"] == "yes"
+    assert report["dir_fsync"] == ("yes" if POSIX else "n/a (Windows)")
     assert listing(directory) == []  # the scratch directory is gone
     return report  # type: ignore[no-any-return]
 
@@ -1077,3 +1094,88 @@ def test_terminated_pickles() -> None:
     assert err.signum == 15
     assert isinstance(err, BaseException)
     assert not isinstance(err, Exception)
+
+
+# --------------------------------------------------------------------------
+# In-process runs of main(): the same behaviour, measured by coverage
+# --------------------------------------------------------------------------
+
+
+def test_main_in_process_tour(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = tmp_path / "good.json"
+    good.write_text('{"a": 1}')
+    assert cli.main(["validate", "--json", str(good)]) == 0
+    assert cli.main(["validate", str(tmp_path / "missing")]) == 1
+    text = tmp_path / "text"
+    text.write_text("{")
+    assert cli.main(["validate", "--json", str(text)]) == 1
+
+    orphan = tmp_path / ".tmp-999999999-0123456789abcdef-x"
+    orphan.write_text("x")
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
+    assert cli.main(["cleanup", "--dry-run", "--age-hours", "0.5", str(tmp_path)]) == 0
+    assert str(orphan) in capsys.readouterr().out
+    assert cli.main(["cleanup", "--age-hours", "0.5", str(tmp_path)]) == 0
+    assert not orphan.exists()
+    assert cli.main(["cleanup", str(tmp_path / "missing")]) == 1
+
+    lock_dir = tmp_path / "locks"
+    noop = [sys.executable, "-c", "import sys; sys.exit(5)"]
+    assert cli.main(["lock", "--timeout", "5", str(lock_dir), "--", *noop]) == 5
+    assert cli.main(["lock", str(lock_dir), "--", "htmlgraph-no-such-command-xyz"]) == 127
+    holder = DirectoryLocker(lock_dir)
+    assert holder.acquire_shared_lock(timeout=5)
+    try:
+        assert cli.main(["lock", "--timeout", "0", str(lock_dir), "--", *noop]) == 75
+        assert cli.main(["lock", "--shared", "--timeout", "0", str(lock_dir), "--", *noop]) == 5
+    finally:
+        holder.release_lock()
+    assert listing(lock_dir) == []
+
+    target = tmp_path / "out"
+    ok = [sys.executable, "-c", "print('[1]')"]
+    assert cli.main(["write", "--json", str(target), "--", *ok]) == 0
+    assert json.loads(target.read_text()) == [1]
+    failing = [sys.executable, "-c", "import sys; print('x'); sys.exit(4)"]
+    assert cli.main(["write", str(target), "--", *failing]) == 4
+    assert json.loads(target.read_text()) == [1]
+
+    registry_dir = tmp_path / "registry"
+    reg = ["--registry", str(registry_dir)]
+    assert cli.main(["sessions", "list", *reg]) == 0
+    mine = SessionRegistry(registry_dir).register_session("s")
+    capsys.readouterr()
+    assert cli.main(["sessions", "list", *reg]) == 0
+    assert mine in capsys.readouterr().out
+    assert cli.main(["sessions", "show", mine, *reg]) == 0
+    capsys.readouterr()
+    assert cli.main(["sessions", "show", mine, "--json", *reg]) == 0
+    assert json.loads(capsys.readouterr().out)["instance_id"] == mine
+    assert cli.main(["sessions", "show", "a/b", *reg]) == 2
+    assert cli.main(["sessions", "reap", "--json", *reg]) == 0
+    assert cli.main(["sessions", "archive", mine, "--json", *reg]) == 0
+    assert cli.main(["sessions", "archive", mine, *reg]) == 1
+    assert cli.main(["sessions", "archive", "../x", *reg]) == 2
+
+    capsys.readouterr()
+    assert cli.main(["check", "--seconds", "0", "--processes", "1", str(tmp_path)]) == 0
+    assert "PASS: every promise held" in capsys.readouterr().out
+    monkeypatch.syspath_prepend(TESTS)
+    status = cli.main(
+        [
+            "check",
+            "--seconds",
+            "0",
+            "--json",
+            "--writer",
+            "_clihelpers:inplace_writer",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["writer"] == "_clihelpers.inplace_writer"
+    assert status == (0 if report["ok"] else 1)
+    assert sorted(os.listdir(tmp_path)) == ["good.json", "locks", "out", "registry", "text"]
