@@ -4,7 +4,11 @@ Method (details in ``docs/crash-safety.md`` and ``tests/crashlab/``): each
 filesystem lives on a loop device; a worker child performs the write and says
 ``committed``; the parent then snapshots the backing image without any sync
 (the disk as a power cut would leave it), mounts the snapshot (journal replay),
-reads the target, and runs the filesystem's read-only checker.
+reads the target, and runs the filesystem's read-only checker. Crash points:
+right after the call returned, after an fsync of an unrelated file, after a
+periodic journal commit (all: the new content must be there, nothing else), and
+at a random instant during the call (old or new, never torn or empty; an
+orphaned temp file is allowed).
 
 The same harness runs two negative controls - the library with
 ``durable=False`` and a bare temp+rename writer - and two mutants of the
@@ -49,7 +53,7 @@ def trials_for(writer: str, point: str) -> int:
     if writer.startswith("no-"):
         # The mutants show *which* crash point catches which missing fsync; the
         # periodic point adds nothing there but seconds of waiting.
-        return 0 if point == "periodic" else CONTROL_TRIALS
+        return 0 if point in ("periodic", "during") else CONTROL_TRIALS
     if writer != "ours":
         return CONTROL_TRIALS
     return PERIODIC_TRIALS if point == "periodic" else TRIALS
@@ -150,6 +154,20 @@ def test_durable_write_survives_power_cut(lab_run: LabRun, fs: str) -> None:
     failures = [f for f in lab_run.tally.failures if f.startswith(f"('{fs}',")]
     assert failures == [], "\n".join(failures)
     assert lab_run.tally.losses(["ours"], fs) == 0
+
+
+def test_some_cuts_landed_inside_the_call(lab_run: LabRun) -> None:
+    """The "during" crash point really cuts before the write is durable, at least sometimes."""
+    before_commit = sum(
+        n
+        for (fs, point, _scenario, writer), counter in lab_run.tally.counts.items()
+        if point == "during" and writer == "ours"
+        for label, n in counter.items()
+        if not label.startswith("new")
+    )
+    if not lab_run.tally.counts:
+        pytest.skip("no filesystem could run")
+    assert before_commit > 0, "every 'during' cut came after the commit: the point is not tested"
 
 
 @pytest.mark.parametrize("fs", MUST_LOSE)

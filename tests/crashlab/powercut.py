@@ -10,7 +10,9 @@ One trial:
 3. Crash point: ``immediate`` (nothing), ``fsync-other`` (fsync a new unrelated
    file on the same filesystem: forces a journal commit that may carry the
    rename without the data), or ``periodic`` (wait for the filesystem's
-   periodic commit).
+   periodic commit). ``during`` cuts at a random instant *while* the call runs
+   (before ``committed``): then old-or-new (missing-or-new for a create) is
+   required, and an orphaned temp file is allowed.
 4. Snapshot the backing image (the power cut), mount the snapshot (journal
    replay), read the target and list its directories, unmount, run the
    read-only checker.
@@ -24,6 +26,7 @@ import collections
 import dataclasses
 import json
 import os
+import random
 import select
 import subprocess
 import sys
@@ -34,7 +37,7 @@ from pathlib import Path
 from crashlab.loopfs import LoopFs
 from crashlab.payloads import SCENARIOS, Scenario, content, encoded, matches
 
-CRASH_POINTS = ("immediate", "fsync-other", "periodic")
+CRASH_POINTS = ("immediate", "fsync-other", "periodic", "during")
 WRITERS = ("ours", "nondurable", "bare", "no-dir-fsync", "no-file-fsync")
 WRITER_TITLES = {
     "ours": "ours (durable=True)",
@@ -67,16 +70,24 @@ class Worker:
             bufsize=1,
         )
 
-    def write(self, request: dict[str, object]) -> str:
-        """Send one request; return the child's reply line (bounded wait)."""
+    def send(self, request: dict[str, object]) -> None:
+        """Send one request without waiting for the answer."""
         assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
+
+    def reply(self) -> str:
+        """The child's next reply line (bounded wait)."""
+        assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], _WORKER_TIMEOUT)
         if not ready:
-            raise TimeoutError(f"worker did not answer {request} in {_WORKER_TIMEOUT} s")
+            raise TimeoutError(f"worker did not answer in {_WORKER_TIMEOUT} s")
         return self.proc.stdout.readline().strip()
+
+    def write(self, request: dict[str, object]) -> str:
+        """Send one request; return the child's reply line (bounded wait)."""
+        self.send(request)
+        return self.reply()
 
     def close(self) -> int:
         """Stop the child (bounded) and return its exit code."""
@@ -110,6 +121,7 @@ class Outcome:
     stray: tuple[str, ...]
     fsck_ok: bool
     detail: str = ""
+    mid_call: bool = False
 
     @property
     def label(self) -> str:
@@ -123,8 +135,18 @@ class Outcome:
 
     @property
     def good(self) -> bool:
-        """The committed write is fully on the disk and nothing else is."""
-        return self.state == "new" and not self.stray and self.fsck_ok
+        """What a correct durable writer must leave.
+
+        After the call returned: the new content and nothing else. Cut during
+        the call: the old content or the new (for a create, none or the new);
+        the temp file may be left as an orphan for the cleanup to remove.
+        """
+        if not self.fsck_ok:
+            return False
+        if self.mid_call:
+            orphans_only = all(os.path.basename(s).startswith(".tmp-") for s in self.stray)
+            return self.state in ("old", "new", "missing") and orphans_only
+        return self.state == "new" and not self.stray
 
 
 def _durable_file(path: Path, data: bytes) -> None:
@@ -161,16 +183,23 @@ def _classify(scenario: Scenario, trial: int, data: bytes | None) -> str:
 class PowerCutLab:
     """Runs trials on one mounted filesystem with one worker child."""
 
-    def __init__(self, fs: LoopFs) -> None:
+    def __init__(self, fs: LoopFs, seed: str = "crashlab") -> None:
         self.fs = fs
         self.worker = Worker(cwd=fs.mnt)
         self._trial = 0
+        self._rng = random.Random(f"{seed}/{fs.kind.name}")
+        # Running estimate of one call per writer, to aim "during" cuts inside it.
+        self._call_seconds: dict[str, float] = {}
         self.other = Path(fs.mnt) / "other"
         self.other.mkdir(exist_ok=True)
 
     def close(self) -> int:
         """Stop the worker; returns its exit code."""
         return self.worker.close()
+
+    def _learn(self, writer: str, seconds: float) -> None:
+        old = self._call_seconds.get(writer, seconds)
+        self._call_seconds[writer] = 0.7 * old + 0.3 * seconds
 
     def trial(self, writer: str, scenario: Scenario, point: str) -> Outcome:
         """Run one power-cut trial and classify what survived."""
@@ -194,15 +223,28 @@ class PowerCutLab:
         _fsync_dir(mnt)
         self.fs.syncfs()
 
-        reply = self.worker.write(
-            {
-                "writer": writer,
-                "scenario": scenario.name,
-                "trial": trial,
-                "path": str(mnt / target_rel),
-            }
-        )
+        request: dict[str, object] = {
+            "writer": writer,
+            "scenario": scenario.name,
+            "trial": trial,
+            "path": str(mnt / target_rel),
+        }
+        snap = ""
+        if point == "during":
+            sent = time.monotonic()
+            self.worker.send(request)
+            time.sleep(self._rng.uniform(0.0, self._call_seconds.get(writer, 0.02)))
+            snap = self.fs.power_cut()
+            reply = self.worker.reply()
+            # Keep the cut inside the call: track how long calls take here.
+            self._learn(writer, time.monotonic() - sent)
+        else:
+            started = time.monotonic()
+            reply = self.worker.write(request)
+            self._learn(writer, time.monotonic() - started)
         if reply != "committed":
+            if snap:
+                os.unlink(snap)
             return Outcome("error", (), True, reply)
         if point == "fsync-other":
             fd = os.open(self.other / f"u{trial}", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -213,14 +255,16 @@ class PowerCutLab:
                 os.close(fd)
         elif point == "periodic":
             time.sleep(self.fs.kind.periodic_wait)
-        snap = self.fs.power_cut()
+        if not snap:
+            snap = self.fs.power_cut()
 
         dirs = [dir_rel]
         if scenario.new_dirs:
             dirs += [base_rel, f"{base_rel}/a"]
         report = self.fs.stage.inspect(self.fs.kind, snap, [target_rel], dirs)
+        mid_call = point == "during"
         if report.mount_error is not None:
-            return Outcome("unmountable", (), report.fsck_rc == 0, report.mount_error)
+            return Outcome("unmountable", (), report.fsck_rc == 0, report.mount_error, mid_call)
         state = _classify(scenario, trial, report.files[target_rel])
         expected = {
             dir_rel: [TARGET_NAME],
@@ -235,7 +279,7 @@ class PowerCutLab:
         detail = ""
         if report.fsck_rc != 0:
             detail = report.fsck_output[-2000:]
-        return Outcome(state, tuple(stray), report.fsck_rc == 0, detail)
+        return Outcome(state, tuple(stray), report.fsck_rc == 0, detail, mid_call)
 
 
 Cell = tuple[str, str, str, str]  # (fs, point, scenario, writer)
@@ -263,12 +307,15 @@ class Tally:
         )
 
     def losses(self, writers: Iterable[str], fs: str) -> int:
-        """Trials on ``fs`` by ``writers`` whose committed content was not fully on disk."""
+        """Trials on ``fs`` by ``writers`` whose committed content was not fully on disk.
+
+        Cuts during the call do not count: the write had not committed yet.
+        """
         wanted = set(writers)
         return sum(
             n
             for cell, c in self.counts.items()
-            if cell[0] == fs and cell[3] in wanted
+            if cell[0] == fs and cell[3] in wanted and cell[1] != "during"
             for label, n in c.items()
             if label != "new"
         )
