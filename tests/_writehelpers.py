@@ -289,3 +289,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
+
+
+def cleaner_loop(directory: str, stop: Event, conn: Connection) -> None:
+    """Run ``cleanup_orphaned_temp_files(age_hours=0)`` until ``stop``; send the total removed."""
+    from htmlgraph import cleanup_orphaned_temp_files
+
+    removed = rounds = 0
+    while not stop.is_set() or rounds == 0:
+        removed += cleanup_orphaned_temp_files(directory, age_hours=0)
+        rounds += 1
+    conn.send((removed, rounds))
+    conn.close()

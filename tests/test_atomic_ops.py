@@ -1557,6 +1557,14 @@ class TestCleanupSafety:
         assert target.read_text(encoding="utf-8") == "slow but alive"
         assert listing(tmp_path) == ["t.txt"]
 
+    def test_removes_abandoned_safe_temp_file_names(self, tmp_path: Path) -> None:
+        # safe_temp_file's "{prefix}{pid}-{32 hex}" with the default prefix is ours too.
+        name = safe_temp_file(tmp_path).name.replace(str(os.getpid()), str(dead_pid()), 1)
+        (tmp_path / name).write_text("abandoned", encoding="utf-8")
+        age_file(tmp_path / name, 48)
+        assert cleanup_orphaned_temp_files(tmp_path) == 1
+        assert listing(tmp_path) == []
+
     def test_keeps_temps_of_live_pids(self, tmp_path: Path) -> None:
         names = [orphan_name(os.getpid()), orphan_name(os.getppid())]
         for name in names:

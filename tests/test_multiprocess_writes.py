@@ -23,6 +23,7 @@ from _writehelpers import (
     EXIT_OK,
     JOIN_TIMEOUT,
     check_record,
+    cleaner_loop,
     create_only_oneshot,
     create_only_racer,
     listing,
@@ -210,3 +211,36 @@ def test_concurrent_writers_to_different_files(
         text = (tmp_path / f"own-{i}.json").read_text(encoding="utf-8")
         assert check_record(text) == (i, versions - 1)
         assert text == make_record(i, versions - 1, record_size(i, versions - 1))
+
+
+def test_cleanup_at_age_zero_never_touches_live_writers(
+    tmp_path: Path, ctx: BaseContext, reap: list[BaseProcess]
+) -> None:
+    # age_hours=0 makes every temp "old enough": only the liveness check stands
+    # between the cleaner and the writers' in-flight temps.
+    count, versions = 4, 25
+    start = ctx.Barrier(count)
+    stop = ctx.Event()
+    recv, send = ctx.Pipe(duplex=False)
+    cleaner = new_process(ctx, cleaner_loop, str(tmp_path), stop, send)
+    cleaner.start()
+    reap.append(cleaner)
+    writers = [
+        new_process(ctx, own_file_writer, str(tmp_path / f"w{i}.json"), i, versions, start)
+        for i in range(count)
+    ]
+    for proc in writers:
+        proc.start()
+        reap.append(proc)
+    codes = join_all(writers)
+    stop.set()
+    assert join_all([cleaner]) == [EXIT_OK]
+    assert recv.poll(10)
+    removed, rounds = recv.recv()
+    assert codes == [EXIT_OK] * count
+    assert rounds > 0
+    assert removed == 0
+    for i in range(count):
+        text = (tmp_path / f"w{i}.json").read_text(encoding="utf-8")
+        assert check_record(text) == (i, versions - 1)
+    assert listing(tmp_path) == [f"w{i}.json" for i in range(count)]
