@@ -249,6 +249,69 @@ class TestMarkers:
         b.release_lock()
 
 
+class TestPublishFaults:
+    def test_pending_file_swept_before_rename_is_republished(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_rename = os.rename
+        calls: list[str] = []
+
+        def swept_first(src: str, dst: str) -> None:
+            calls.append(dst)
+            if len(calls) == 1:
+                os.unlink(src)  # a peer's sweep removed our pending file
+            real_rename(src, dst)
+
+        monkeypatch.setattr(os, "rename", swept_first)
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock(timeout=0)
+        assert len(calls) == 2
+        assert markers(lock_dir) == [locker.exclusive_lock_path.name]
+        assert str(locker.exclusive_lock_path) == calls[1]
+        locker.release_lock()
+        assert os.listdir(lock_dir) == []
+
+    def test_write_failure_leaves_nothing_behind(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        calls: list[int] = []
+
+        def disk_full(fd: int, data: bytes) -> None:
+            calls.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(lockmod, "_lock_write_all", disk_full)
+        locker = DirectoryLocker(lock_dir)
+        with pytest.raises(OSError, match="No space left"):
+            locker.acquire_exclusive_lock(timeout=5)
+        assert len(calls) == 1
+        assert os.listdir(lock_dir) == []  # no pending file, no marker
+
+    def test_short_writes_are_completed(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_write = os.write
+        sizes: list[int] = []
+
+        def dribble(fd: int, data: bytes | memoryview) -> int:
+            sizes.append(len(data))
+            return real_write(fd, bytes(data[:7]))
+
+        monkeypatch.setattr(os, "write", dribble)
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock()
+        monkeypatch.setattr(os, "write", real_write)
+        assert len(sizes) > 10
+        assert json.loads(locker.shared_lock_path.read_text())["pid"] == os.getpid()
+        locker.release_lock()
+
+    def test_repr(self, lock_dir: Path) -> None:
+        locker = DirectoryLocker(lock_dir)
+        assert repr(locker) == f"DirectoryLocker({str(lock_dir)!r}, held=None)"
+        with locker.exclusive():
+            assert "held='exclusive'" in repr(locker)
+
+
 class TestTimeouts:
     def test_timeout_zero_is_exactly_one_attempt(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
@@ -444,7 +507,7 @@ class TestInstancesAndThreads:
         t.start()
         t.join(30)
         assert result == [False]  # held by another thread through this instance
-        t = threading.Thread(target=lambda: result.append(locker.acquire_exclusive_lock(30)))
+        t = threading.Thread(target=lambda: result.append(locker.acquire_exclusive_lock(-1)))
         t.start()
         time.sleep(0.05)
         assert result == [False]
@@ -608,7 +671,17 @@ class TestStaleMarkers:
         assert live.exists()
 
     @pytest.mark.parametrize(
-        "raw", [b"", b"{not json", b'{"pid": 1}', b'{"pid": 999999, "host": "h"}', b"\xff\xfe"]
+        "raw",
+        [
+            b"",
+            b"{not json",
+            b"[1, 2]",
+            b'{"pid": 1}',
+            b'{"pid": 999999, "host": "h"}',
+            b'{"pid": true, "host": "h"}',
+            b'{"pid": "1", "host": "h"}',
+            b"\xff\xfe",
+        ],
     )
     def test_unreadable_record_held_for_a_grace_then_broken(
         self, lock_dir: Path, raw: bytes, caplog: pytest.LogCaptureFixture
@@ -642,6 +715,36 @@ class TestStaleMarkers:
         assert odd.is_dir()
         warnings = [r for r in caplog.records if "could not be removed" in r.getMessage()]
         assert len(warnings) == 1
+
+    @pytest.mark.skipif(not POSIX, reason="symlinks need privileges on Windows")
+    def test_symlinked_marker_is_never_followed(
+        self, lock_dir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lock_dir.mkdir()
+        elsewhere = lock_dir.parent / "record.json"
+        elsewhere.write_text('{"pid": 1, "host": "h"}')
+        link = lock_dir / f".lock-exclusive-{os.getpid()}-{'0' * 28}"
+        link.symlink_to(elsewhere)
+        locker = DirectoryLocker(lock_dir)
+        assert not locker.acquire_shared_lock(timeout=0)  # garbage, but young: held
+        old = time.time() - 60
+        os.utime(link, (old, old), follow_symlinks=False)
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        assert locker.acquire_shared_lock(timeout=0)
+        assert not link.is_symlink()  # the link was removed ...
+        assert elsewhere.read_text() == '{"pid": 1, "host": "h"}'  # ... not its target
+        assert "unreadable" in caplog.text
+        locker.release_lock()
+
+    def test_marker_released_between_listing_and_reading(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        ghost = f".lock-exclusive-{os.getpid()}-{'0' * 28}"
+        real_listdir = os.listdir
+        monkeypatch.setattr(lockmod, "_lock_listdir", lambda p: [*real_listdir(p), ghost])
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock(timeout=0)  # gone when read: not a conflict
+        locker.release_lock()
 
     def test_orphaned_pending_file_is_swept(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
@@ -909,6 +1012,39 @@ if sys.platform != "win32":  # fork, signals, uids: POSIX only
                 _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0
             assert locker.exclusive_lock_path.exists()
+            assert markers(lock_dir) == [locker.exclusive_lock_path.name]
+            locker.release_lock()
+            assert markers(lock_dir) == []
+
+        @needs_fork
+        def test_fork_that_bypassed_the_hook_is_caught(self, lock_dir: Path) -> None:
+            locker = DirectoryLocker(lock_dir)
+            assert locker.acquire_exclusive_lock()
+            parent = (locker.pid, locker._mode, locker._depth, locker._marker, locker._owner)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 1
+                try:
+                    # Put back the parent's state, as if the at-fork hook had not run.
+                    (locker.pid, locker._mode, locker._depth, locker._marker, locker._owner) = (
+                        parent
+                    )
+                    locker.release_lock()  # not ours: must not unlink the parent's marker
+                    kept = locker.exclusive_lock_path.exists()
+                    # Not "reentrant": the parent's exclusive hold still excludes the child.
+                    refused = not locker.acquire_shared_lock(timeout=0)
+                    os.write(w, b"1" if kept and refused and locker.pid == os.getpid() else b"0")
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            try:
+                assert os.read(r, 1) == b"1"
+            finally:
+                os.close(r)
+                _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
             assert markers(lock_dir) == [locker.exclusive_lock_path.name]
             locker.release_lock()
             assert markers(lock_dir) == []
