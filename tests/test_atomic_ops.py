@@ -1014,6 +1014,20 @@ class TestNoLeftovers:
         assert target.read_text(encoding="utf-8") == "kept"
         assert listing(tmp_path) == ["t.txt"]
 
+    @pytest.mark.parametrize("mode", ["w", "wb"])
+    def test_file_closed_inside_the_block_still_commits(self, tmp_path: Path, mode: str) -> None:
+        target = tmp_path / "t"
+        if mode == "w":
+            with AtomicFileWriter(target) as f:
+                f.write("closed early")
+                f.close()
+        else:
+            with AtomicFileWriter(target, mode="wb") as fb:
+                fb.write(b"closed early")
+                fb.close()
+        assert target.read_bytes() == b"closed early"
+        assert listing(tmp_path) == ["t"]
+
     def test_writer_is_single_use(self, tmp_path: Path) -> None:
         target = tmp_path / "t.txt"
         writer = AtomicFileWriter(target)
@@ -1112,6 +1126,32 @@ class TestPermissions:
         assert file_mode(new) == 0o666 & ~mask
         assert file_mode(old) == 0o604
         assert listing(tmp_path) == ["new", "old"]
+
+    @pytest.mark.parametrize("case", ["existing-0o600", "permissions-0o600"])
+    def test_secret_content_is_never_in_a_wider_temp(
+        self, tmp_path: Path, umask: Callable[[int], int], case: str
+    ) -> None:
+        # The temp gets its final mode before the first byte lands in it.
+        umask(0o022)
+        target = tmp_path / "secret"
+        if case == "existing-0o600":
+            target.write_text("old secret", encoding="utf-8")
+            target.chmod(0o600)
+            writer = AtomicFileWriter(target)
+        else:
+            writer = AtomicFileWriter(target, permissions=0o600)
+        f = writer.open()
+        try:
+            assert writer.temp_path is not None
+            assert file_mode(writer.temp_path) == 0o600
+            f.write("new secret")
+            f.flush()
+            assert file_mode(writer.temp_path) == 0o600
+            writer.commit()
+        finally:
+            writer.rollback()
+        assert file_mode(target) == 0o600
+        assert listing(tmp_path) == ["secret"]
 
     def test_permissions_keyword_on_every_api(self, tmp_path: Path) -> None:
         with AtomicFileWriter(tmp_path / "a", permissions=0o640) as f:
