@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
@@ -88,6 +89,18 @@ class NaiveLock:
             self.marker = None
 
 
+class _BreakCounter(logging.Handler):
+    """Count the stale markers this process broke (the lock's WARNING lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("broke stale lock marker"):
+            self.count += 1
+
+
 def torture_worker(
     kind: str,
     lock_dir: str,
@@ -107,6 +120,8 @@ def torture_worker(
     """
     rng = random.Random(seed)
     lock: Lock = DirectoryLocker(lock_dir) if kind == "real" else NaiveLock(lock_dir)
+    broken = _BreakCounter()
+    logging.getLogger(lockmod.__name__).addHandler(broken)
     holds: list[tuple[int, int, int]] = []
     timeouts = 0
     torn = 0
@@ -130,7 +145,7 @@ def torture_worker(
         lock.release_lock()
         holds.append((start, end, int(exclusive)))
     with open(out, "w") as f:
-        json.dump({"holds": holds, "timeouts": timeouts, "torn": torn}, f)
+        json.dump({"holds": holds, "timeouts": timeouts, "torn": torn, "broken": broken.count}, f)
 
 
 @dataclass

@@ -13,8 +13,11 @@ harness can see them. Run with ``-s`` to see the numbers.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,8 +28,10 @@ from _lockhelpers import (
     NaiveLock,
     continuous_reader,
     count_overlaps,
+    hold_until_killed,
     mp_context,
     run_torture,
+    torture_worker,
 )
 from htmlgraph._locker import DirectoryLocker
 
@@ -68,6 +73,81 @@ def test_torture_negative_control_naive_lock(tmp_path: Path, read_share: float) 
     assert result.holds == OPS
     assert result.overlaps > 0  # the harness sees a broken lock
     assert result.lost_increments > 0 or result.torn_reads > 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_torture_with_workers_killed_mid_run(tmp_path: Path) -> None:
+    """SIGKILL some workers at random instants: the others finish, exclusion holds.
+
+    A killed worker may die holding the lock, waiting with an (old) exclusive
+    claim, or between creating its pending file and renaming it; the
+    survivors must break what it left and go on, with zero overlaps among
+    their holds and no timeouts.
+    """
+    ctx = mp_context()
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    per = OPS // PROCESSES
+    barrier = ctx.Barrier(PROCESSES)
+    outs = [tmp_path / f"out-{i}.json" for i in range(PROCESSES)]
+    procs = [
+        ctx.Process(
+            target=torture_worker,
+            args=("real", str(lock_dir), str(counter), str(outs[i]), per, 0.5, 2000 + i, barrier),
+        )
+        for i in range(PROCESSES)
+    ]
+    # One more victim is killed for certain while it holds the lock exclusive.
+    ready = ctx.Event()
+    holder = ctx.Process(
+        target=hold_until_killed, args=(str(lock_dir), "exclusive", ready, str(tmp_path / "h"))
+    )
+    for p in procs:
+        p.start()
+    victims = procs[:3]
+    rng = random.Random(7)
+    try:
+        time.sleep(0.2)
+        holder.start()
+        assert ready.wait(120)
+        holder.kill()
+        for p in victims:
+            time.sleep(rng.uniform(0.05, 0.4))
+            p.kill()
+        for p in procs:
+            p.join(300)
+    finally:
+        for p in [*procs, holder]:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+    assert [p.exitcode for p in [holder, *victims]] == [-9] * (len(victims) + 1)  # SIGKILL
+    survivors = procs[len(victims) :]
+    assert [p.exitcode for p in survivors] == [0] * len(survivors)
+    holds: list[tuple[int, int, int]] = []
+    broken = 0
+    for p, out in zip(procs, outs, strict=True):
+        if p in survivors:
+            data = json.loads(out.read_text())
+            assert data["timeouts"] == 0
+            assert data["torn"] == 0
+            holds.extend((int(a), int(b), int(c)) for a, b, c in data["holds"])
+            broken += data["broken"]
+    print(
+        f"\nkilled {len(victims)} of {PROCESSES} workers and one holder: survivors made "
+        f"{len(holds)} holds and broke {broken} stale markers"
+    )
+    assert broken >= 1  # at least the killed holder's marker
+    assert len(holds) == per * len(survivors)
+    assert count_overlaps(holds) == 0
+    # Whatever the victims left is broken by the next acquirer, on its first attempt.
+    final = DirectoryLocker(lock_dir)
+    assert final.acquire_exclusive_lock(timeout=0)
+    final.release_lock()
+    left = [n for n in os.listdir(lock_dir) if not n.startswith(".lock-pending-")]
+    assert left == []
 
 
 def test_torture_threads_with_separate_instances(tmp_path: Path) -> None:
