@@ -9,6 +9,7 @@ directory holds nothing else. Every wait is bounded; exit codes are asserted.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -622,6 +623,63 @@ def test_lock_forwards_signals_and_releases(tmp_path: Path, signum: int) -> None
     assert process_gone(int(pid_file.read_text()))
     assert listing(lock_dir) == []
     assert lock_is_free(lock_dir)
+
+
+if sys.platform != "win32":  # pty, fork and WNOHANG are POSIX only (also for mypy)
+
+    @posix_only
+    def test_lock_ctrl_c_at_a_terminal_reaches_the_command_once(tmp_path: Path) -> None:
+        import pty
+        import select
+
+        lock_dir = tmp_path / "locks"
+        # The child counts the SIGINTs it gets and exits 100 + that count.
+        script = textwrap.dedent(
+            """
+            import signal, sys, time
+            count = 0
+            def handler(signum, frame):
+                global count
+                count += 1
+                time.sleep(0.5)  # a second, forwarded SIGINT would arrive meanwhile
+                sys.exit(100 + count)
+            signal.signal(signal.SIGINT, handler)
+            print("ready", flush=True)
+            time.sleep(120)
+            """
+        )
+        argv = cli_cmd("lock", str(lock_dir), "--", sys.executable, "-c", script)
+        env = cli_env()
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: a session leader with the pty as its terminal
+            os.execve(argv[0], argv, env)  # noqa: S606 - argv is ours
+        output = b""
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while b"ready" not in output:
+                assert time.monotonic() < deadline, output
+                if select.select([fd], [], [], 0.2)[0]:
+                    output += os.read(fd, 1024)
+            os.write(fd, b"\x03")  # Ctrl-C: the tty sends SIGINT to the foreground group
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                waited, status = os.waitpid(pid, os.WNOHANG)
+                if waited:
+                    break
+                if select.select([fd], [], [], 0.2)[0]:
+                    with contextlib.suppress(OSError):  # EIO once the child side closes
+                        output += os.read(fd, 1024)
+            else:
+                pytest.fail("htmlgraph lock did not exit after Ctrl-C")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(ChildProcessError):
+                if not os.waitpid(pid, os.WNOHANG)[0]:
+                    os.kill(pid, SIGKILL)
+                    os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 101, output  # one SIGINT, not two
+        assert listing(lock_dir) == []
+        assert lock_is_free(lock_dir)
 
 
 @posix_only
