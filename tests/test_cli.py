@@ -228,6 +228,44 @@ def test_write_replaces_file(target: Path) -> None:
     assert listing(target.parent) == [target.name]
 
 
+@linux_only
+def test_write_streams_without_holding_the_input_in_memory(tmp_path: Path) -> None:
+    size_mib = 256
+    target = tmp_path / "big.bin"
+    producer = (
+        f"import sys\nchunk = bytes(range(256)) * 4096\n"
+        f"for _ in range({size_mib}):\n    sys.stdout.buffer.write(chunk)\n"
+    )
+    # A wrapper process, so that RUSAGE_CHILDREN covers only `write` (and the
+    # producer it runs), not every child this test session ever had.
+    wrapper = textwrap.dedent(
+        f"""
+        import resource, subprocess, sys
+        argv = {cli_cmd("write", "--no-fsync", str(target), "--", sys.executable, "-c", producer)!r}
+        status = subprocess.run(argv, check=False).returncode
+        print(status, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        """
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", wrapper],
+            capture_output=True,
+            env=cli_env(),
+            timeout=TIMEOUT * 2,
+            check=True,
+        )
+        status, max_rss_kib = map(int, result.stdout.split())
+        assert status == 0, result.stderr
+        assert target.stat().st_size == size_mib << 20
+        with open(target, "rb") as f:
+            assert f.read(512) == bytes(range(256)) * 2
+        # 256 MiB went through; the peak resident set stayed far below it.
+        assert max_rss_kib < 96 * 1024, max_rss_kib
+    finally:
+        target.unlink(missing_ok=True)
+    assert listing(tmp_path) == []
+
+
 def test_write_creates_file_and_parents_with_mode(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "new.txt"
     result = run_cli("write", "--mode", "0600", "--no-fsync", str(path), input=b"x")
