@@ -2072,7 +2072,7 @@ class TestThreadsAndForks:
 
         def read_loop() -> None:
             nonlocal reads
-            while not stop.is_set():
+            while not stop.is_set() or reads == 0:
                 text = target.read_text(encoding="utf-8")
                 reads += 1
                 lines = text.splitlines()
