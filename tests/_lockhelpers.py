@@ -239,7 +239,9 @@ def hold_until_killed(
     """Take the lock, report the marker path, signal ``ready`` and wait to be killed."""
     locker = DirectoryLocker(lock_dir)
     ok = (
-        locker.acquire_exclusive_lock(10) if mode == "exclusive" else locker.acquire_shared_lock(10)
+        locker.acquire_exclusive_lock(120)
+        if mode == "exclusive"
+        else locker.acquire_shared_lock(120)
     )
     marker = locker.exclusive_lock_path if mode == "exclusive" else locker.shared_lock_path
     with open(conn_path, "w") as f:
