@@ -29,11 +29,7 @@ TEMP_NAME_RE = re.compile(r"^\.tmp-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{16})-(?P<s
 
 # Exit codes used by child processes to report what happened.
 EXIT_OK = 0
-EXIT_EXISTS = 3
-EXIT_WRONG_MESSAGE = 4
 EXIT_BAD_READ = 5
-EXIT_NO_READS = 6
-EXIT_UNEXPECTED = 7
 
 JOIN_TIMEOUT = 120.0
 """Upper bound for any child process join: generous for a loaded 2-core box."""
@@ -211,29 +207,44 @@ def reader_loop(
         sys.exit(EXIT_BAD_READ)
 
 
-def create_only_racer(target: str, payload: str, armed: Barrier) -> None:
-    """Open a create-only writer, wait until every racer holds one, then commit.
+def create_only_racer(targets: list[str], payload: str, armed: Barrier, conn: Connection) -> None:
+    """For each target: open a create-only writer, wait until every racer holds one, commit.
 
-    Exit code: 0 when this process created the file, EXIT_EXISTS on FileExistsError
-    naming the path, EXIT_WRONG_MESSAGE if that error does not name it.
+    Sends one outcome per target through ``conn``: ``"won"``, ``"exists"`` (a
+    FileExistsError naming the path) or a description of anything else.
     """
-    writer = AtomicFileWriter(target, overwrite=False)
-    try:
-        with writer as f:
-            f.write(payload)
-            # Every racer now holds a written temp: the commits really overlap.
-            armed.wait(JOIN_TIMEOUT)
-    except FileExistsError as exc:
-        sys.exit(EXIT_EXISTS if target in str(exc) else EXIT_WRONG_MESSAGE)
+    outcomes: list[str] = []
+    for target in targets:
+        try:
+            with AtomicFileWriter(target, overwrite=False) as f:
+                f.write(payload)
+                # Every racer now holds a written temp: the commits really overlap.
+                armed.wait(JOIN_TIMEOUT)
+        except FileExistsError as exc:
+            outcomes.append("exists" if target in str(exc) else f"unnamed: {exc}")
+        except BaseException as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+        else:
+            outcomes.append("won")
+    conn.send(outcomes)
+    conn.close()
 
 
-def create_only_oneshot(target: str, payload: str, start: Barrier) -> None:
-    """Call ``atomic_write(overwrite=False)`` right after a barrier (exit codes as above)."""
-    start.wait(JOIN_TIMEOUT)
-    try:
-        atomic_write(target, payload, overwrite=False)
-    except FileExistsError as exc:
-        sys.exit(EXIT_EXISTS if target in str(exc) else EXIT_WRONG_MESSAGE)
+def create_only_oneshot(targets: list[str], payload: str, start: Barrier, conn: Connection) -> None:
+    """For each target: ``atomic_write(overwrite=False)`` right after a barrier (as above)."""
+    outcomes: list[str] = []
+    for target in targets:
+        start.wait(JOIN_TIMEOUT)
+        try:
+            atomic_write(target, payload, overwrite=False)
+        except FileExistsError as exc:
+            outcomes.append("exists" if target in str(exc) else f"unnamed: {exc}")
+        except BaseException as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+        else:
+            outcomes.append("won")
+    conn.send(outcomes)
+    conn.close()
 
 
 def own_file_writer(target: str, writer: int, versions: int, start: Barrier) -> None:
