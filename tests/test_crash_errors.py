@@ -134,6 +134,7 @@ def _run_child(target: Callable[..., None], *args: object) -> children.Result:
 # -- ENOSPC -------------------------------------------------------------------
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("how", list(WRITERS))
 def test_enospc_at_open_when_inodes_run_out(stage: Stage, how: str) -> None:
     mnt = _tmpfs(stage, "inodes", "size=4m,nr_inodes=16")
@@ -164,6 +165,7 @@ def _enospc_mid_write(stage: Stage, how: str) -> tuple[Path, OSError]:
     return target, exc.value
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("how", list(WRITERS))
 def test_enospc_mid_write_on_full_tmpfs(stage: Stage, how: str) -> None:
     _target, exc = _enospc_mid_write(stage, how)
@@ -179,6 +181,7 @@ FILENAME_GAP = pytest.mark.xfail(
 )
 
 
+@pytest.mark.root
 @FILENAME_GAP
 @pytest.mark.parametrize("how", ["atomic_write", "atomic_json_write"])
 def test_enospc_mid_write_names_the_file(stage: Stage, how: str) -> None:
@@ -186,6 +189,7 @@ def test_enospc_mid_write_names_the_file(stage: Stage, how: str) -> None:
     check_oserror(exc, errno.ENOSPC, target)
 
 
+@pytest.mark.root
 def test_enospc_at_fsync_when_the_disk_under_the_filesystem_fills(
     stage: Stage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -245,6 +249,7 @@ def test_enospc_at_fsync_when_the_disk_under_the_filesystem_fills(
 # -- read-only, size limit, permissions -------------------------------------
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("existing", [True, False])
 def test_erofs_on_a_read_only_bind_mount(stage: Stage, existing: bool) -> None:
     src = stage.root / "rw"
@@ -302,6 +307,7 @@ def _as_nobody(target: Path, content: bytes) -> tuple[str, OSError]:
     return kind, OSError(err, message, filename)
 
 
+@pytest.mark.root
 def test_eacces_for_an_unprivileged_writer(shared_dir: Path) -> None:
     work = shared_dir / "d"
     work.mkdir(mode=0o755)
@@ -315,6 +321,7 @@ def test_eacces_for_an_unprivileged_writer(shared_dir: Path) -> None:
     assert snapshot(work) == before
 
 
+@pytest.mark.root
 def test_eperm_at_rename_in_a_sticky_directory(shared_dir: Path) -> None:
     """nobody may create its temp in a sticky dir but not replace root's file there."""
     work = shared_dir / "sticky"

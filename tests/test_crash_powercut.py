@@ -17,8 +17,10 @@ writes on xfs and on ext4 with ``noauto_da_alloc``; otherwise the harness could
 not see the failure it claims to rule out, and the test fails.
 
 Set ``CRASHLAB_TRIALS`` to change the trials per cell for ``durable=True``
-(default 3; 2 at the periodic-commit crash point) and ``CRASHLAB_REPORT`` to a
-path to also write the Markdown outcome table there.
+(default 3; 2 at the periodic-commit crash point), ``CRASHLAB_REPORT`` to a
+path to also write the Markdown outcome table there, and
+``CRASHLAB_UPDATE_DOCS=1`` to rewrite the result sections of
+``docs/crash-safety.md`` (between its ``crashlab:`` markers) from this run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ CONTROL_TRIALS = 1
 MUST_LOSE = ("xfs", "ext4-noauto_da_alloc")
 # Nearest analogue of ext4's commit=1 for xfs: the log worker interval (seconds x 100).
 XFS_SYNCD = "/proc/sys/fs/xfs/xfssyncd_centisecs"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "crash-safety.md"
+
+
+def update_docs(path: Path, sections: dict[str, str]) -> None:
+    """Replace each ``<!-- crashlab:NAME -->...<!-- /crashlab:NAME -->`` block's body."""
+    text = path.read_text(encoding="utf-8")
+    for name, body in sections.items():
+        start, end = f"<!-- crashlab:{name} -->\n", f"<!-- /crashlab:{name} -->"
+        assert text.count(start) == 1, f"marker crashlab:{name} not found once in {path}"
+        assert text.count(end) == 1, f"marker /crashlab:{name} not found once in {path}"
+        head, rest = text.split(start)
+        _old, tail = rest.split(end)
+        text = head + start + body.rstrip() + "\n" + end + tail
+    path.write_text(text, encoding="utf-8")
 
 
 def trials_for(writer: str, point: str) -> int:
@@ -93,8 +109,8 @@ def _run_fs(stage: Stage, kind: FsKind, run: LabRun, lock: threading.Lock) -> No
         with lock:
             run.errors[kind.name] = traceback.format_exc()
     with lock:
-        for cell, counter in tally.counts.items():
-            run.tally.counts[cell] = counter
+        run.tally.counts.update(tally.counts)
+        run.tally.bad.update(tally.bad)
         run.tally.failures += tally.failures
 
 
@@ -208,3 +224,16 @@ def test_outcome_table(lab_run: LabRun, capsys: pytest.CaptureFixture[str]) -> N
     out = os.environ.get("CRASHLAB_REPORT")
     if out:
         Path(out).write_text(header + "\n" + table, encoding="utf-8")
+    if os.environ.get("CRASHLAB_UPDATE_DOCS") == "1":
+        trials = lab_run.tally.trials
+        update_docs(
+            DOCS,
+            {
+                "summary": header
+                + "\n"
+                + ", ".join(f"{w}: {trials(w)} trials" for w in WRITERS)
+                + ".\n\n"
+                + lab_run.tally.summary(ran),
+                "table": lab_run.tally.markdown(ran, names).split("\n\nTotals")[0],
+            },
+        )

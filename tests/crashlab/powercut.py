@@ -291,11 +291,13 @@ class Tally:
     def __init__(self) -> None:
         self.counts: dict[Cell, collections.Counter[str]] = {}
         self.failures: list[str] = []
+        self.bad: collections.Counter[Cell] = collections.Counter()
 
     def add(self, cell: Cell, outcome: Outcome) -> None:
         """Record one trial."""
         self.counts.setdefault(cell, collections.Counter())[outcome.label] += 1
         if cell[3] == "ours" and not outcome.good:
+            self.bad[cell] += 1
             self.failures.append(f"{cell}: {outcome.label} {outcome.stray} {outcome.detail}")
 
     def trials(self, writer: str, fs: str | None = None) -> int:
@@ -343,7 +345,38 @@ class Tally:
         totals = ", ".join(f"{w}: {self.trials(w)} trials" for w in WRITERS)
         lines.append("")
         lines.append(f"Totals - {totals}.")
+        lines.append("")
+        lines.append(self.summary(filesystems))
         return "\n".join(lines) + "\n"
+
+    def summary(self, filesystems: Sequence[str]) -> str:
+        """Per filesystem: committed writes lost / trials after the call returned, per writer.
+
+        The last column counts ``durable=True`` cuts *during* the call that left
+        anything but old-or-new (must be 0).
+        """
+        lines = [
+            "| filesystem | "
+            + " | ".join(f"{WRITER_TITLES[w]}: lost / trials" for w in WRITERS)
+            + " | ours, cut during the call: bad / trials |",
+            "|---|" + "---|" * (len(WRITERS) + 1),
+        ]
+        for fs in filesystems:
+            row = [fs]
+            for writer in WRITERS:
+                trials = sum(
+                    sum(c.values())
+                    for cell, c in self.counts.items()
+                    if cell[0] == fs and cell[3] == writer and cell[1] != "during"
+                )
+                row.append(f"{self.losses([writer], fs)} / {trials}")
+            during = [
+                cell for cell in self.counts if cell[:2] == (fs, "during") and cell[3] == "ours"
+            ]
+            bad = sum(self.bad[cell] for cell in during)
+            row.append(f"{bad} / {sum(sum(self.counts[cell].values()) for cell in during)}")
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
 
 
 def all_scenarios() -> list[Scenario]:
