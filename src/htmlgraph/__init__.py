@@ -12,6 +12,7 @@ from htmlgraph.atomic_ops import (
     atomic_rename,
     atomic_write,
     cleanup_orphaned_temp_files,
+    find_orphaned_temp_files,
     safe_temp_file,
     validate_atomic_write,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "atomic_rename",
     "atomic_write",
     "cleanup_orphaned_temp_files",
+    "find_orphaned_temp_files",
     "safe_temp_file",
     "validate_atomic_write",
 ]

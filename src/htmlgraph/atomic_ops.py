@@ -49,6 +49,7 @@ __all__ = [
     "atomic_rename",
     "atomic_write",
     "cleanup_orphaned_temp_files",
+    "find_orphaned_temp_files",
     "safe_temp_file",
     "validate_atomic_write",
 ]
@@ -802,10 +803,27 @@ def safe_temp_file(base_dir: StrPath, prefix: str = TEMP_PREFIX) -> Path:
     return Path(directory) / f"{prefix}{os.getpid()}-{_random_token(16)}"
 
 
-def _orphans(directory: str, cutoff: float) -> Iterator[str]:
-    """Yield the paths of our temp files in ``directory`` that are safe to remove."""
-    me = os.getpid()
-    with os.scandir(directory) as entries:
+def find_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> Iterator[Path]:
+    """Yield the temp files that :func:`cleanup_orphaned_temp_files` would remove.
+
+    The same rules, without removing anything (a dry run): this library's
+    own temp files only (``.tmp-{pid}-{hex}…`` regular files, never symlinks
+    or directories, never followed), older than ``age_hours``, whose writer
+    process is gone - the temp of a write still running in a live process on
+    this host is never listed, however old. The directory is streamed
+    (flat memory); files vanishing meanwhile are skipped; a missing
+    ``base_dir`` yields nothing. Read-only; safe while other processes write.
+    """
+    directory = _check_path(base_dir, "base_dir")
+    if age_hours < 0:
+        raise ValueError(f"age_hours must not be negative, not {age_hours!r}")
+    cutoff = time.time() - age_hours * 3600.0
+    me = _platform.current_pid()
+    try:
+        entries = os.scandir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with entries:
         for entry in entries:
             match = _TEMP_NAME.match(entry.name)
             if match is None:
@@ -824,38 +842,31 @@ def _orphans(directory: str, cutoff: float) -> Iterator[str]:
             # host whose pid happens to be alive here is kept too: safe side.
             if pid == me or _platform.pid_exists(pid):
                 continue
-            yield entry.path
+            yield Path(entry.path)
 
 
 def cleanup_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> int:
     """Remove temp files that crashed writes left in ``base_dir``; return how many.
 
-    Only this library's own temp files are candidates (``.tmp-{pid}-{hex}…``
-    regular files, never symlinks or directories, never followed), only when
-    older than ``age_hours`` and only when their writer process is gone: the
-    temp of a write still running in a live process is never removed. Files
-    vanishing concurrently are skipped. The directory is streamed, so memory
-    stays flat for any number of entries. Not recursive. Safe to run while
-    other processes write. Logs a WARNING naming what it removed.
+    Removes what :func:`find_orphaned_temp_files` yields: only this library's
+    own temp files (``.tmp-{pid}-{hex}…`` regular files, never symlinks or
+    directories, never followed), only when older than ``age_hours`` and only
+    when their writer process is gone - the temp of a write still running in
+    a live process is never removed. Files vanishing concurrently are
+    skipped. Memory stays flat for any number of entries. Not recursive.
+    Safe to run while other processes write. Logs a WARNING per removed file.
 
     Returns:
         The number of files removed (0 if ``base_dir`` does not exist).
     """
-    directory = _check_path(base_dir, "base_dir")
-    if age_hours < 0:
-        raise ValueError(f"age_hours must not be negative, not {age_hours!r}")
-    cutoff = time.time() - age_hours * 3600.0
     removed = 0
-    try:
-        for path in _orphans(directory, cutoff):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            removed += 1
-            logger.warning("removed orphaned temp file %s", path)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
+    for path in find_orphaned_temp_files(base_dir, age_hours):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed += 1
+        logger.warning("removed orphaned temp file %s", path)
     return removed
 
 

@@ -529,10 +529,8 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     if not os.path.isdir(directory):
         raise _CommandError(f"not a directory: {directory}")
     if args.dry_run:
-        # Same rules as cleanup_orphaned_temp_files (name, regular file, age,
-        # writer process gone), from the library itself so the two never drift.
-        cutoff = time.time() - args.age_hours * 3600.0
-        candidates = sorted(atomic_ops._orphans(directory, cutoff))
+        # The very rules cleanup_orphaned_temp_files applies.
+        candidates = sorted(atomic_ops.find_orphaned_temp_files(directory, args.age_hours))
         for path in candidates:
             print(path)
         print(

@@ -1,0 +1,73 @@
+"""find_orphaned_temp_files is cleanup_orphaned_temp_files' dry run: same rules, no removal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from htmlgraph import cleanup_orphaned_temp_files, find_orphaned_temp_files
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert proc.wait(timeout=30) == 0
+    return proc.pid
+
+
+def _old(path: Path, hours: float = 48.0) -> Path:
+    past = time.time() - hours * 3600
+    os.utime(path, (past, past), follow_symlinks=False)
+    return path
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> tuple[Path, set[str]]:
+    dead = _dead_pid()
+    orphan = tmp_path / f".tmp-{dead}-{'a' * 16}-data.json"
+    orphan.write_text("partial")
+    _old(orphan)
+    young = tmp_path / f".tmp-{dead}-{'b' * 16}-data.json"
+    young.write_text("recent")
+    live = tmp_path / f".tmp-{os.getpid()}-{'c' * 16}-data.json"
+    live.write_text("in progress")
+    _old(live)
+    foreign = tmp_path / ".tmp-not-ours"
+    foreign.write_text("someone else's")
+    _old(foreign)
+    (tmp_path / f".tmp-{dead}-{'d' * 16}-dir").mkdir()
+    _old(tmp_path / f".tmp-{dead}-{'d' * 16}-dir")
+    link = tmp_path / f".tmp-{dead}-{'e' * 16}-link"
+    link.symlink_to(orphan)
+    _old(link)
+    return tmp_path, {orphan.name}
+
+
+def test_find_lists_exactly_the_orphans_and_removes_nothing(
+    scene: tuple[Path, set[str]],
+) -> None:
+    directory, expected = scene
+    before = sorted(os.listdir(directory))
+    found = list(find_orphaned_temp_files(directory, age_hours=24))
+    assert {p.name for p in found} == expected
+    assert all(p.parent == directory for p in found)
+    assert sorted(os.listdir(directory)) == before
+
+
+def test_cleanup_removes_what_find_listed(scene: tuple[Path, set[str]]) -> None:
+    directory, expected = scene
+    before = set(os.listdir(directory))
+    assert cleanup_orphaned_temp_files(directory, age_hours=24) == len(expected)
+    assert set(os.listdir(directory)) == before - expected
+
+
+def test_find_is_lazy_and_tolerates_missing_dirs(tmp_path: Path) -> None:
+    assert list(find_orphaned_temp_files(tmp_path / "missing")) == []
+    (tmp_path / "file").write_text("x")
+    assert list(find_orphaned_temp_files(tmp_path / "file")) == []
+    with pytest.raises(ValueError, match="age_hours"):
+        list(find_orphaned_temp_files(tmp_path, age_hours=-1))
