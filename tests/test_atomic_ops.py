@@ -993,6 +993,43 @@ class TestNoLeftovers:
         assert not target.exists()
         assert temp_names(target.parent) == []
 
+    @posix_only
+    @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+    def test_real_sigint_mid_write(self, tmp_path: Path, existing: bool) -> None:
+        target = tmp_path / "t.txt"
+        if existing:
+            target.write_text("old", encoding="utf-8")
+        code = textwrap.dedent(
+            """
+            import sys, time
+            from htmlgraph import AtomicFileWriter
+            try:
+                with AtomicFileWriter(sys.argv[1]) as f:
+                    f.write("partial")
+                    print("armed", flush=True)
+                    while True:
+                        f.write("x" * 1000)
+                        time.sleep(0.001)
+            except KeyboardInterrupt:
+                sys.exit(42)
+            """
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == b"armed"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 42
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        assert listing(tmp_path) == (["t.txt"] if existing else [])
+        if existing:
+            assert target.read_text(encoding="utf-8") == "old"
+
     def test_rollback_without_with(self, tmp_path: Path) -> None:
         target = tmp_path / "t.txt"
         target.write_text("old", encoding="utf-8")
