@@ -172,6 +172,10 @@ def _have_ours(name: str) -> Callable[[], bool]:
 WRITERS: list[Writer] = [
     Writer("floor-durable", floor_durable, "floor", lambda: True),
     Writer("floor-fast", floor_fast, "floor", lambda: True),
+    # A/A controls: the same floors timed again as separate contenders. Their
+    # ratio to the floors is the run's measurement noise for ratios.
+    Writer("A/A: floor-durable again", floor_durable, "control", lambda: True),
+    Writer("A/A: floor-fast again", floor_fast, "control", lambda: True),
     Writer("open(w).write (not atomic)", plain_write, "baseline", lambda: True),
     Writer("htmlgraph atomic_write", ours_durable, "ours", _have_ours("atomic_write")),
     Writer("htmlgraph atomic_write(durable=False)", ours_fast, "ours", _have_ours("atomic_write")),

@@ -286,10 +286,53 @@ def python_profile(n: int) -> str:
     )
 
 
+def cleanup_profile(entries: int) -> str:
+    """cProfile of cleanup_orphaned_temp_files over ``entries`` entries on tmpfs."""
+    import logging
+
+    from benchmarks.cleanup import _dead_pid, _Dir
+
+    cleanup = ours("cleanup_orphaned_temp_files")
+    if cleanup is None:
+        return ""
+    null = logging.NullHandler()
+    logging.getLogger("htmlgraph").addHandler(null)
+    base = Path(tempfile.mkdtemp(prefix="htmlgraph-cprof-", dir="/dev/shm"))
+    try:
+        d = _Dir(base / "d", _dead_pid())
+        d.grow_to(entries)
+        prof = cProfile.Profile()
+        prof.enable()
+        removed = cleanup(d.path, age_hours=24.0)
+        prof.disable()
+    finally:
+        logging.getLogger("htmlgraph").removeHandler(null)
+        shutil.rmtree(base, ignore_errors=True)
+    stats = pstats.Stats(prof)
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, object]] = stats.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values())
+    logging_time = sum(v[2] for k, v in raw.items() if "logging" in k[0])
+    rows = []
+    for (file, line, func), (_cc, nc, tt, _ct, _callers) in sorted(
+        raw.items(), key=lambda kv: -kv[1][2]
+    )[:12]:
+        where = func if file == "~" else f"{Path(file).name}:{line} {func}"
+        rows.append([where, f"{nc:,}", fmt_time(tt), f"{tt / total:.0%}"])
+    return (
+        f"### cProfile of cleanup_orphaned_temp_files, {entries:,} entries on tmpfs "
+        f"({removed:,} removed)\n\n"
+        f"Total {fmt_time(total)}; the logging module's own time: {fmt_time(logging_time)} "
+        f"({logging_time / total:.0%}, one WARNING record per removed file).\n\n"
+        + md_table(["function", "calls", "own time", "share"], rows)
+        + "\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description="profile htmlgraph's hot paths")
     parser.add_argument("--reps", type=int, default=3000, help="ablation repetitions")
+    parser.add_argument("--cleanup-entries", type=int, default=20_000, help="cleanup profile size")
     parser.add_argument("--lock-reps", type=int, default=1500, help="lock ablation repetitions")
     parser.add_argument("--dir", type=Path, default=None, help="bench filesystem (default $TMPDIR)")
     args = parser.parse_args(argv)
@@ -299,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(syscall_diff(work))
         print(ablation(args.reps))
         print(python_profile(3000))
+        print(cleanup_profile(args.cleanup_entries))
         print(lock_ablation(args.dir, args.lock_reps))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -234,7 +234,11 @@ def verify_all(work_dir: Path) -> dict[str, Trace]:
     """Trace every available writer once; keyed by writer name."""
     from benchmarks._writers import WRITERS
 
-    return {w.name: trace_writer(w.name, work_dir) for w in WRITERS if w.available()}
+    return {
+        w.name: trace_writer(w.name, work_dir)
+        for w in WRITERS
+        if w.available() and w.kind != "control"
+    }
 
 
 def durability_table(traces: dict[str, Trace]) -> str:

@@ -74,10 +74,19 @@ class CaseResult:
                     str(len(r.series.samples)),
                     fmt_time(r.series.median),
                     f"{fmt_time(lo)} - {fmt_time(hi)}",
+                    fmt_time(min(r.series.samples)),
                     *(fmt_ratio(self.ratio(r.name, f)) for f in floors),
                 ]
             )
-        headers = ["contender", "durability", "n", "median", "IQR", *("x " + f for f in floors)]
+        headers = [
+            "contender",
+            "durability",
+            "n",
+            "median",
+            "IQR",
+            "min",
+            *("x " + f for f in floors),
+        ]
         return (
             f"### {self.title}\n\n"
             + md_table(headers, rows)
@@ -95,6 +104,8 @@ def _payload(size: int, text: bool) -> Payload:
 
 
 def _label(traces: dict[str, Trace], name: str) -> str:
+    if name.startswith("A/A: "):
+        name = name.removeprefix("A/A: ").removesuffix(" again")
     t = traces.get(name)
     return t.label if t is not None else "unverified"
 
