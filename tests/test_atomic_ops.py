@@ -1348,6 +1348,22 @@ class TestLongNames:
         assert target.read_text(encoding="utf-8") == "third"
         assert listing(tmp_path) == [name]
 
+    @linux_only
+    @pytest.mark.parametrize(
+        "raw", [b"caf\xe9.txt", b"\xff" * 255, b"a" + b"\xe9" * 254], ids=["short", "ff", "e9"]
+    )
+    def test_names_that_are_not_utf8(self, tmp_path: Path, raw: bytes) -> None:
+        # Linux names are bytes; Python hands undecodable ones over as surrogates.
+        name = os.fsdecode(raw)
+        target = tmp_path / name
+        with AtomicFileWriter(target) as f:
+            f.write("bytes name")
+            (temp,) = temp_names(tmp_path)
+            assert len(os.fsencode(temp)) <= 255
+        atomic_write(target, "again")
+        assert target.read_text(encoding="utf-8") == "again"
+        assert os.listdir(os.fsencode(tmp_path)) == [raw]
+
     def test_name_over_the_limit_is_the_kernels_error(self, tmp_path: Path) -> None:
         target = tmp_path / ("a" * 256)
         with pytest.raises(OSError, match="too long") as info:
