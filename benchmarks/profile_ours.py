@@ -229,7 +229,7 @@ def lock_ablation(base_dir: Path | None, reps: int) -> str:
     prev: float | None = None
     for name, _ in variants:
         med = res[name].median
-        delta = f"+{fmt_time(med - prev)}" if prev is not None and name.startswith("+") else ""
+        delta = _signed(med - prev) if prev is not None and name.startswith("+") else ""
         rows.append([name, fmt_time(med), delta])
         prev = med
     return (
@@ -237,6 +237,10 @@ def lock_ablation(base_dir: Path | None, reps: int) -> str:
         + md_table(["variant", "median", "step cost"], rows)
         + "\n"
     )
+
+
+def _signed(seconds: float) -> str:
+    return ("+" if seconds >= 0 else "-") + fmt_time(abs(seconds))
 
 
 def _lock_cycle(acquire: Callable[..., object], locker: object) -> Op:

@@ -24,8 +24,8 @@ SIZES: list[tuple[str, int]] = [
 # Repetitions per size: (full run, --quick). Small writes are dominated by
 # the two fsyncs (~1 ms here) and are noisy, so they get many samples.
 REPS: dict[int, tuple[int, int]] = {
-    100: (500, 40),
-    4 << 10: (500, 40),
+    100: (400, 40),
+    4 << 10: (400, 40),
     1 << 20: (60, 8),
     64 << 20: (6, 2),
 }
