@@ -237,7 +237,8 @@ class Stage:
     """
 
     def __init__(self, *, reflink: bool = True) -> None:
-        self._want_reflink = reflink
+        # CRASHLAB_SNAPSHOT=copy forces the byte-copy fallback (to test it).
+        self._want_reflink = reflink and os.environ.get("CRASHLAB_SNAPSHOT") != "copy"
         self.root = Path()
         self.images = Path()
         self.snapshot_method = "sparse-copy"
@@ -451,19 +452,31 @@ class LoopFs:
 
 
 @contextlib.contextmanager
-def sysctl(path: str, value: str) -> Iterator[bool]:
-    """Temporarily set a /proc/sys knob; yields False (and changes nothing) if impossible."""
+def lowered_sysctl(path: str, value: int) -> Iterator[bool]:
+    """Temporarily lower a numeric /proc/sys knob to ``value``; yields whether it is lowered.
+
+    If the knob is already at or below ``value`` (another lab run lowered it)
+    it is left alone and not restored by us, so two concurrent runs can never
+    leave the host with the lowered value.
+    """
     knob = Path(path)
     try:
-        old = knob.read_text(encoding="ascii").strip()
-        knob.write_text(value, encoding="ascii")
+        old = int(knob.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        yield False
+        return
+    if old <= value:
+        yield True
+        return
+    try:
+        knob.write_text(str(value), encoding="ascii")
     except OSError:
         yield False
         return
     try:
         yield True
     finally:
-        knob.write_text(old, encoding="ascii")
+        knob.write_text(str(old), encoding="ascii")
 
 
 def leftover_lab_state(prefix: str) -> list[str]:
