@@ -277,12 +277,15 @@ def _lock_parse_record(data: bytes, name_pid: int | None) -> _LockRecord | None:
 class _LockSeen:
     """What one scanner knows about one marker (records never change once visible)."""
 
-    __slots__ = ("dead", "forbidden", "mtime", "record", "verified_at")
+    __slots__ = ("dead", "forbidden", "mtime", "read", "record", "verified_at")
 
-    def __init__(self, record: _LockRecord | None, mtime: float, *, forbidden: bool) -> None:
+    def __init__(
+        self, record: _LockRecord | None, mtime: float, *, forbidden: bool, read: bool = True
+    ) -> None:
         self.record = record
         self.mtime = mtime
         self.forbidden = forbidden
+        self.read = read  # False: seen once with a live pid in its name, not read yet
         self.verified_at = -math.inf
         self.dead = False  # proven stale but could not be removed
 
@@ -760,12 +763,27 @@ class DirectoryLocker:
         seen = self._seen.get(name)
         if seen is not None and seen.dead:
             return False
-        if seen is None or (seen.record is None and not seen.forbidden):
+        if seen is None:
+            # First sight. Counting a marker as held needs no proof, only
+            # breaking one does: if the pid in its name is alive here, call it
+            # held without reading anything. Most markers are gone by the next
+            # scan; one still there is read and judged in full then (one
+            # backoff step later), which catches zombies, reused pids and
+            # records that contradict their name.
+            pid = _lock_name_pid(name, prefix)
+            if pid is not None and _lock_pid_exists(pid):
+                self._seen[name] = _LockSeen(None, math.inf, forbidden=False, read=False)
+                return True
+        if seen is None or not seen.read or (seen.record is None and not seen.forbidden):
             try:
                 seen = self._read(name, prefix)
             except FileNotFoundError:
-                self._seen.pop(name, None)
-                return False  # released meanwhile
+                # Released meanwhile. Names are never reused, so it is gone for
+                # good: remember that rather than judging it again.
+                gone = _LockSeen(None, 0.0, forbidden=False)
+                gone.dead = True
+                self._seen[name] = gone
+                return False
             self._seen[name] = seen
         if seen.forbidden:
             return True  # cannot read it: fail closed
