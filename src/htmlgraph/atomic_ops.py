@@ -198,6 +198,16 @@ def _sync_dir(directory: str) -> None:
         logger.debug("directory fsync not supported for %s (%s)", directory, exc)
 
 
+def _name_target(exc: OSError, target: str) -> None:
+    """Let an error from a call on the temp's fd (write, fsync, close) name the target.
+
+    Such calls carry no file name, and "No space left on device" alone does
+    not say which write failed. The original exception is kept and re-raised.
+    """
+    if exc.filename is None:
+        exc.filename = target
+
+
 class _Staged:
     """One temp file in the making: the low-level state shared by every writer.
 
@@ -317,21 +327,19 @@ class _Staged:
         while view:
             view = view[os.write(self.fd, view) :]
 
-    def commit(self, *, durable: bool, closed: bool = False) -> None:
+    def commit(self, *, durable: bool) -> None:
         """Make the temp file the target: fsync, close, rename, fsync directory.
 
         Args:
             durable: Sync the data before the rename and the directory after.
-            closed: The caller already closed ``fd`` (after syncing it itself).
         """
-        if not closed:
-            fd, self.fd = self.fd, -1
-            try:
-                if durable:
-                    # A failed fsync is final: never retried, never committed.
-                    _fsync(fd)
-            finally:
-                os.close(fd)
+        fd, self.fd = self.fd, -1
+        try:
+            if durable:
+                # A failed fsync is final: never retried, never committed.
+                _fsync(fd)
+        finally:
+            os.close(fd)
         if self._overwrite:
             _replace(self.temp, self.target)
             self.committed = True
@@ -519,6 +527,9 @@ class AtomicFileWriter(Generic[AnyStr]):
         try:
             file.close()  # flushes Python's buffer into the fd (closefd=False)
             staged.commit(durable=self.durable)
+        except OSError as exc:
+            _name_target(exc, staged.target)
+            raise
         finally:
             staged.discard()  # no-op after a successful commit
 
@@ -663,6 +674,9 @@ def _write_bytes(
     try:
         staged.write_all(data)
         staged.commit(durable=durable)
+    except OSError as exc:
+        _name_target(exc, staged.target)
+        raise
     finally:
         staged.discard()
 
