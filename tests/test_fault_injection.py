@@ -68,6 +68,7 @@ def test_file_fsync_eio_leaves_old_content_and_no_temp(
     with pytest.raises(OSError, match="Input/output") as info:
         WRITERS[writer](target, "new")
     assert info.value.errno == errno.EIO
+    assert info.value.filename == str(target), "the error names the file being written"
     assert fault.raised == 1
     assert fault.calls == 1, "a failed fsync must never be retried"
     assert _content(target) == "old"
@@ -261,6 +262,7 @@ def test_write_error_mid_stream_rolls_back(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(OSError, match="No space") as info:
         atomic_write(target, b"abcdefgh")
     assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(target)
     assert calls == 2
     assert target.read_bytes() == b"old"
     assert listing(tmp_path) == ["t.bin"]
