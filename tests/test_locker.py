@@ -312,6 +312,131 @@ class TestPublishFaults:
             assert "held='exclusive'" in repr(locker)
 
 
+class TestOddCases:
+    """Rare paths: each test forces one and checks that it was taken."""
+
+    def test_other_files_in_the_directory_are_ignored(self, lock_dir: Path) -> None:
+        lock_dir.mkdir()
+        (lock_dir / "index.json").write_text("{}")
+        (lock_dir / ".lock-other-1-2").write_text("")  # not a marker kind we know
+        a, b = DirectoryLocker(lock_dir), DirectoryLocker(lock_dir)
+        assert a.acquire_exclusive_lock(timeout=0)
+        assert not b.acquire_shared_lock(timeout=0)
+        a.release_lock()
+        assert sorted(os.listdir(lock_dir)) == [".lock-other-1-2", "index.json"]
+
+    def test_directory_gone_during_the_scan(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_listdir = os.listdir
+        calls: list[str] = []
+
+        def vanished_once(path: str) -> list[str]:
+            calls.append(path)
+            if len(calls) == 1:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+            return real_listdir(path)
+
+        monkeypatch.setattr(lockmod, "_lock_listdir", vanished_once)
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock(timeout=30)  # claim not seen: published again
+        assert len(calls) >= 2
+        assert markers(lock_dir) == [locker.shared_lock_path.name]
+        locker.release_lock()
+
+    def test_reader_whose_marker_is_not_listed_publishes_again(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        real_listdir = os.listdir
+        calls: list[str] = []
+
+        def hide_once(path: str) -> list[str]:
+            calls.append(path)
+            return [] if len(calls) == 1 else real_listdir(path)
+
+        monkeypatch.setattr(lockmod, "_lock_listdir", hide_once)
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock(timeout=30)
+        assert "vanished before the lock was taken" in caplog.text
+        assert markers(lock_dir) == [locker.shared_lock_path.name]
+        locker.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_pending_name_in_use_takes_another_token(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        lock_dir.mkdir()
+        busy = lock_dir / f".lock-pending-{os.getpid()}-{'a' * 16}"
+        busy.write_text("")  # another instance of this process is publishing "aaaa..."
+        tokens = iter(["a" * 16, "b" * 16])
+        monkeypatch.setattr(lockmod, "_lock_token", lambda nbytes: next(tokens))
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_shared_lock(timeout=0)
+        assert locker.shared_lock_path.name.endswith("b" * 16)
+        assert busy.exists()
+        locker.release_lock()
+
+    def test_marker_we_may_not_read_is_held(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        lock_dir.mkdir()
+        secret = plant(lock_dir, "exclusive", pid=dead_pid())
+        old = time.time() - 3600
+        os.utime(secret, (old, old))
+        real_open = os.open
+        refused: list[str] = []
+
+        def deny_markers(path: str, flags: int, mode: int = 0o777) -> int:
+            if os.path.basename(path) == secret.name:
+                refused.append(path)
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_open(path, flags, mode)
+
+        monkeypatch.setattr(os, "open", deny_markers)
+        locker = DirectoryLocker(lock_dir)
+        assert not locker.acquire_shared_lock(timeout=0.05)  # fail closed, however old
+        assert refused
+        assert secret.exists()
+
+    def test_stale_marker_broken_by_someone_else_first(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        lock_dir.mkdir()
+        pid = dead_pid()
+        stale = plant(lock_dir, "exclusive", pid=pid)
+        real_exists = lockmod._lock_pid_exists
+        asked: list[int] = []
+
+        def race(p: int) -> bool:
+            asked.append(p)
+            if asked.count(pid) == 2:  # 1: the name's pid; 2: the record's, then the verdict
+                stale.unlink()  # a peer breaks it between our verdict and our unlink
+            return real_exists(p)
+
+        monkeypatch.setattr(lockmod, "_lock_pid_exists", race)
+        caplog.set_level(logging.WARNING, logger=lockmod.__name__)
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock(timeout=0)
+        assert asked.count(pid) == 2
+        assert not stale.exists()
+        assert "broke stale" not in caplog.text  # the peer did it, not us
+        locker.release_lock()
+
+    def test_pid_namespace_unknown(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def no_proc(path: str) -> str:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+        monkeypatch.setattr(lockmod, "_lock_pidns_cache", [])
+        monkeypatch.setattr(os, "readlink", no_proc)
+        assert lockmod._lock_pid_namespace() is None
+        assert lockmod._lock_pid_namespace() is None  # cached
+
+    def test_zombie_check_of_a_gone_pid(self) -> None:
+        assert lockmod._lock_pid_is_zombie(dead_pid()) is False
+        assert lockmod._lock_pid_is_zombie(os.getpid()) is False
+
+
 class TestTimeouts:
     def test_timeout_zero_is_exactly_one_attempt(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
@@ -682,6 +807,7 @@ class TestStaleMarkers:
             b'{"pid": 999999, "host": "h"}',
             b'{"pid": true, "host": "h"}',
             b'{"pid": "1", "host": "h"}',
+            b'{"pid": 1, "host": "h", "start": 5}',
             b"\xff\xfe",
         ],
     )
