@@ -350,15 +350,18 @@ class DirectoryLocker:
     and each :meth:`release_lock` undoes one level; asking for exclusive
     while holding shared raises :class:`RuntimeError` (an upgrade could
     deadlock against another upgrader). Another thread using the same
-    instance waits, within its timeout, until the instance is released.
+    instance waits, within its timeout, until the instance is released;
+    :meth:`release_lock` releases the instance's hold whichever thread calls
+    it. For concurrent readers in threads, give each thread its own instance.
 
     Attributes:
         lock_dir: The directory the markers live in (created if missing).
         pid: The process that owns this instance (updated in a forked child).
         shared_lock_path: The shared marker this instance holds or last held;
-            before its first shared acquire, ``lock_dir / f".lock-shared-{pid}"``,
-            a name no marker ever has (markers carry a suffix), so
-            ``.exists()`` is True exactly while this instance holds it.
+            before its first shared acquire, ``lock_dir / f".lock-shared-{pid}"``
+            (made absolute), a name no marker ever has (markers carry a
+            suffix), so ``.exists()`` is True exactly while this instance
+            holds it.
         exclusive_lock_path: The same for the exclusive marker.
     """
 
