@@ -290,6 +290,46 @@ def python_profile(n: int) -> str:
     )
 
 
+def lock_profile(n: int) -> str:
+    """cProfile of n uncontended exclusive acquire+release cycles on tmpfs."""
+    locker_cls = ours("DirectoryLocker")
+    if locker_cls is None:
+        return ""
+    base = Path(tempfile.mkdtemp(prefix="htmlgraph-lprof-", dir="/dev/shm"))
+    try:
+        locker = locker_cls(str(base / "locks"))
+        for _ in range(50):
+            locker.acquire_exclusive_lock(timeout=5)
+            locker.release_lock()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            locker.acquire_exclusive_lock(timeout=5)
+            locker.release_lock()
+        prof.disable()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    stats = pstats.Stats(prof)
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, object]] = stats.stats  # type: ignore[attr-defined]
+    total_calls = sum(v[1] for v in raw.values())
+    total = sum(v[2] for v in raw.values())
+    sys_time = sum(v[2] for k, v in raw.items() if k[0] == "~" and "posix" in k[2])
+    rows = []
+    for (file, line, func), (_cc, nc, tt, _ct, _callers) in sorted(
+        raw.items(), key=lambda kv: -kv[1][2]
+    )[:15]:
+        where = func if file == "~" else f"{Path(file).name}:{line} {func}"
+        rows.append([where, f"{nc / n:g}", fmt_time(tt / n)])
+    return (
+        f"### cProfile, {n} x DirectoryLocker exclusive acquire+release on tmpfs\n\n"
+        f"{total_calls / n:.0f} Python-level function calls per cycle; "
+        f"{fmt_time(total / n)} per cycle under the profiler, of which "
+        f"{fmt_time(sys_time / n)} inside os calls.\n\n"
+        + md_table(["function", "calls/cycle", "own time/cycle"], rows)
+        + "\n"
+    )
+
+
 def cleanup_profile(entries: int) -> str:
     """cProfile of cleanup_orphaned_temp_files over ``entries`` entries on tmpfs."""
     import logging
@@ -347,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(ablation(args.reps))
         print(python_profile(3000))
         print(cleanup_profile(args.cleanup_entries))
+        print(lock_profile(2000))
         print(lock_ablation(args.dir, args.lock_reps))
     finally:
         shutil.rmtree(work, ignore_errors=True)
