@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _lockhelpers import (
     continuous_reader,
@@ -581,6 +583,68 @@ class TestReentrancy:
         assert markers(lock_dir) == [locker.shared_lock_path.name]  # still held, shared
         assert DirectoryLocker(lock_dir).acquire_shared_lock(timeout=0)
         locker.release_lock()
+
+
+OPS = st.lists(
+    st.tuples(st.integers(0, 2), st.sampled_from(["shared", "exclusive", "release"])),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS)
+def test_instances_in_one_thread_follow_the_model(ops: list[tuple[int, str]]) -> None:
+    """Random acquire/release sequences on three instances match a reader/writer model.
+
+    Model: each instance holds (mode, depth) or nothing; a timeout=0 acquire
+    nests on the holder (shared under exclusive too; an upgrade is a
+    RuntimeError) and otherwise succeeds iff compatible with the other
+    instances' holds. After every step the directory holds exactly the
+    markers of the holding instances.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        lock_dir = Path(tmp) / "locks"
+        lockers = [DirectoryLocker(lock_dir) for _ in range(3)]
+        model: list[tuple[str, int] | None] = [None, None, None]
+        for i, op in ops:
+            held = model[i]
+            others = [m[0] for j, m in enumerate(model) if j != i and m is not None]
+            if op == "release":
+                lockers[i].release_lock()
+                if held is not None:
+                    model[i] = (held[0], held[1] - 1) if held[1] > 1 else None
+            elif held is not None and held[0] == "shared" and op == "exclusive":
+                with pytest.raises(RuntimeError):
+                    lockers[i].acquire_exclusive_lock(timeout=0)
+            else:
+                acquire = (
+                    lockers[i].acquire_shared_lock
+                    if op == "shared"
+                    else lockers[i].acquire_exclusive_lock
+                )
+                got = acquire(timeout=0)
+                if held is not None:
+                    expected = True
+                    model[i] = (held[0], held[1] + 1)
+                else:
+                    expected = not others if op == "exclusive" else "exclusive" not in others
+                    if expected:
+                        model[i] = (op, 1)
+                assert got is expected, (i, op, model)
+            want = sorted(
+                (
+                    lockers[j].shared_lock_path
+                    if m[0] == "shared"
+                    else lockers[j].exclusive_lock_path
+                ).name
+                for j, m in enumerate(model)
+                if m is not None
+            )
+            assert markers(lock_dir) == want
+        for locker in lockers:
+            for _ in range(30):
+                locker.release_lock()
+        assert os.listdir(lock_dir) == []
 
 
 class TestInstancesAndThreads:
