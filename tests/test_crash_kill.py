@@ -25,6 +25,7 @@ import pytest
 
 import htmlgraph
 from crashlab.killloop import frame, rewrite_forever, validate
+from crashlab.procs import start_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,14 +39,15 @@ _TEMP = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{16}-")
 
 
 def _start_writer(target: Path, seed: str) -> BaseProcess:
-    # fork: the child starts in milliseconds with htmlgraph already imported, so
-    # the kill lands inside the write loop rather than in interpreter start-up.
-    if sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("needs the fork start method")
-    proc = multiprocessing.get_context("fork").Process(
-        target=rewrite_forever, args=(str(target), seed)
-    )
-    proc.start()
+    """Start a rewriting child and return once its write loop is about to begin."""
+    parent, child = multiprocessing.Pipe(duplex=False)
+    proc = start_process(rewrite_forever, str(target), seed, child)
+    child.close()
+    # The random kill delay counts from the loop's start, not from process
+    # start-up (whose length varies with the machine's load).
+    assert parent.poll(30), "writer child did not start"
+    assert parent.recv_bytes() == b"ready"
+    parent.close()
     return proc
 
 
@@ -63,7 +65,7 @@ def test_kill9_never_tears_the_target(tmp_path: Path) -> None:
         proc = _start_writer(target, f"{SEED}/{kill}")
         # Mostly short lifetimes (kills land in the first writes, where small
         # and large payloads alternate); sometimes long ones (many writes).
-        time.sleep(rng.uniform(0.0, 0.05) if rng.random() < 0.8 else rng.uniform(0.05, 0.4))
+        time.sleep(rng.uniform(0.0, 0.05) if rng.random() < 0.8 else rng.uniform(0.05, 0.25))
         assert proc.pid is not None
         proc.kill()
         proc.join(timeout=30)

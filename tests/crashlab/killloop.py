@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+from multiprocessing.connection import Connection
 
 MAGIC = b"HGKP"
 MAX_SIZE = 8 * 1024 * 1024
@@ -63,11 +64,13 @@ def validate(data: bytes) -> str:
     return data[12:44].hex()
 
 
-def rewrite_forever(target: str, seed: str) -> None:
-    """Child body: rewrite ``target`` with random payloads until killed."""
+def rewrite_forever(target: str, seed: str, ready: Connection) -> None:
+    """Child body: say "ready" on ``ready``, then rewrite ``target`` until killed."""
     import htmlgraph
 
     rng = random.Random(seed)
+    ready.send_bytes(b"ready")
+    ready.close()
     while True:
         body = rng.randbytes(payload_size(rng))
         durable = rng.random() < 0.3
