@@ -89,6 +89,12 @@ def wait_for(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
         time.sleep(0.002)
 
 
+@pytest.fixture(autouse=True)
+def fresh_record_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no cached record head, so a patched seam cannot leak."""
+    monkeypatch.setattr(lockmod, "_lock_record_heads", {})
+
+
 @pytest.fixture
 def lock_dir(tmp_path: Path) -> Path:
     return tmp_path / "locks"
