@@ -175,6 +175,10 @@ def _random_token() -> str:
     return secrets.token_hex(8)
 
 
+def _remove(path: Path) -> None:
+    os.unlink(path)
+
+
 # (pid, hostname, instance id) of the last computation; recomputed when the
 # pid changes (a forked child) or the host name seam answers differently.
 _instance_cache: tuple[int, str, str] | None = None
@@ -677,9 +681,13 @@ class SessionRegistry:
             updated = cast(SessionRecord, dict(record))
             updated["last_activity"] = _iso(_utcnow())
             self._write_record(updated)
+            timestamp_only = _sessions_of(entries, instance_id) == [updated["session_id"]]
             _drop_instance(entries, instance_id)
             entries[updated["session_id"]] = _entry_for(updated)
-            self._write_index(entries)
+            # A heartbeat only moves a timestamp the record already holds
+            # durably, so its index write skips the fsyncs: a power cut can
+            # lose it (the index lags) or tear it (the next use rebuilds it).
+            self._write_index(entries, durable=self.durable and not timestamp_only)
         return True
 
     def archive_session(self, instance_id: str) -> bool:
@@ -875,12 +883,14 @@ class SessionRegistry:
         with AtomicFileWriter(path, durable=self.durable) as f:
             f.write(text)
 
-    def _write_index(self, entries: Mapping[str, IndexEntry]) -> None:
+    def _write_index(
+        self, entries: Mapping[str, IndexEntry], *, durable: bool | None = None
+    ) -> None:
         sessions = {session_id: dict(entries[session_id]) for session_id in sorted(entries)}
         atomic_json_write(
             self.index_path,
             {"format": FORMAT_VERSION, "sessions": sessions},
-            durable=self.durable,
+            durable=self.durable if durable is None else durable,
         )
 
     def _try_load_index(self) -> dict[str, IndexEntry] | None:
@@ -975,7 +985,7 @@ class SessionRegistry:
             break
         active = self._active_path(record["instance_id"])
         try:
-            active.unlink()
+            _remove(active)
         except FileNotFoundError:
             pass
         else:
@@ -984,9 +994,13 @@ class SessionRegistry:
         return target
 
 
+def _sessions_of(entries: Mapping[str, IndexEntry], instance_id: str) -> list[str]:
+    return [s for s, e in entries.items() if e["instance_id"] == instance_id]
+
+
 def _drop_instance(entries: dict[str, IndexEntry], instance_id: str) -> None:
     """Remove every index entry that points at ``instance_id``."""
-    for session_id in [s for s, e in entries.items() if e["instance_id"] == instance_id]:
+    for session_id in _sessions_of(entries, instance_id):
         del entries[session_id]
 
 

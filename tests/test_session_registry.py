@@ -1,0 +1,1154 @@
+"""Tests for htmlgraph.session_registry: unit tests, corruption repair, real processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Barrier, Event
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from htmlgraph import atomic_ops, session_registry
+from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout
+from htmlgraph.session_registry import MAX_ID_BYTES, SessionConflictError, SessionRegistry
+
+LOGGER = "htmlgraph.session_registry"
+JOIN_TIMEOUT = 120.0
+
+UNSAFE_IDS = [
+    "",
+    "a/b",
+    "a\\b",
+    "/abs",
+    "..",
+    ".",
+    ".hidden",
+    "../escape",
+    "nul\0byte",
+    "line\nbreak",
+    "x" * (MAX_ID_BYTES + 1),
+    "é" * (MAX_ID_BYTES // 2 + 1),  # 202 UTF-8 bytes, 101 characters
+    "colon:name",
+    "star*",
+    "CON",
+    "nul.txt",
+    "trailing.",
+    "trailing ",
+    "\ud800surrogate",
+]
+SAFE_IDS = ["s", "sess-1_2.3", "a..b", "x" * MAX_ID_BYTES, "séance", "UUID-0f1e2d3c"]
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _fresh_instance_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test computes the instance id afresh (the cache is per process)."""
+    monkeypatch.setattr(session_registry, "_instance_cache", None)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_children() -> Iterator[None]:
+    yield
+    assert mp.active_children() == []
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> SessionRegistry:
+    return SessionRegistry(tmp_path / "registry")
+
+
+def _listing(directory: Path) -> set[str]:
+    return set(os.listdir(directory)) if directory.is_dir() else set()
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _records_on_disk(reg: SessionRegistry) -> dict[str, dict[str, Any]]:
+    return {
+        name[: -len(".json")]: _load(reg.active_dir / name)
+        for name in _listing(reg.active_dir)
+        if name.endswith(".json")
+    }
+
+
+def assert_consistent(reg: SessionRegistry, *, allow_corrupt: bool = False) -> None:
+    """The disk after a scenario: index == active records, nothing stray anywhere."""
+    assert _listing(reg.registry_dir) <= {"active", "archive", ".index.json", ".lock"}
+    for directory in (reg.registry_dir, reg.active_dir, reg.archive_dir):
+        strays = [n for n in _listing(directory) if n.startswith(".tmp-")]
+        assert strays == [], f"temp files left in {directory}: {strays}"
+    assert all(n.endswith(".json") for n in _listing(reg.active_dir))
+    archived = _listing(reg.archive_dir)
+    assert all(n.endswith(".json") or (allow_corrupt and n.endswith(".corrupt")) for n in archived)
+    if reg.lock_dir.is_dir():
+        assert [n for n in _listing(reg.lock_dir) if n.startswith(".lock-")] == []
+    records = _records_on_disk(reg)
+    expected = {
+        r["session_id"]: {
+            "instance_id": iid,
+            "created": r["created"],
+            "last_activity": r["last_activity"],
+        }
+        for iid, r in records.items()
+    }
+    assert len(expected) == len(records), "two records claim one session"
+    if reg.index_path.exists():
+        index = _load(reg.index_path)
+        assert index["format"] == 1
+        assert index["sessions"] == expected
+    else:
+        assert records == {}
+
+
+def plant_record(
+    reg: SessionRegistry,
+    instance_id: str,
+    session_id: str,
+    *,
+    hostname: str | None = None,
+    pid: int | None = None,
+    process_start: str | None = None,
+    last_activity: datetime | None = None,
+) -> dict[str, Any]:
+    """Write a record as another process would have (and index it consistently)."""
+    moment = last_activity or datetime.now(timezone.utc)
+    record: dict[str, Any] = {
+        "format": 1,
+        "instance_id": instance_id,
+        "session_id": session_id,
+        "hostname": hostname if hostname is not None else session_registry._hostname(),
+        "pid": pid if pid is not None else os.getpid(),
+        "process_start": process_start,
+        "created": moment.isoformat(),
+        "last_activity": moment.isoformat(),
+        "repo": None,
+        "instance": None,
+    }
+    reg.active_dir.mkdir(parents=True, exist_ok=True)
+    (reg.active_dir / f"{instance_id}.json").write_text(json.dumps(record), encoding="utf-8")
+    index: dict[str, Any] = {"format": 1, "sessions": {}}
+    if reg.index_path.exists():
+        index = _load(reg.index_path)
+    index["sessions"][session_id] = {
+        "instance_id": instance_id,
+        "created": record["created"],
+        "last_activity": record["last_activity"],
+    }
+    reg.index_path.write_text(json.dumps(index), encoding="utf-8")
+    return record
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = mp.Process(target=_exit_now)
+    proc.start()
+    proc.join(JOIN_TIMEOUT)
+    assert proc.exitcode == 0
+    assert proc.pid is not None
+    return proc.pid
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --------------------------------------------------------------------------
+# Module-level process targets (picklable for any start method)
+# --------------------------------------------------------------------------
+def _exit_now() -> None:
+    return
+
+
+def _report_instance_id(conn: Connection) -> None:
+    reg = SessionRegistry(Path.cwd())
+    conn.send((os.getpid(), reg.get_instance_id(), reg.get_instance_id()))
+    conn.close()
+
+
+def _hold_session(registry_dir: str, session_id: str, conn: Connection) -> None:
+    """Register, report the instance id, then wait for the parent to hang up.
+
+    A Pipe, not an Event: a process SIGKILLed while it waits on a
+    multiprocessing Event leaves the Event's condition broken for everyone.
+    """
+    reg = SessionRegistry(registry_dir)
+    conn.send(reg.register_session(session_id, repo={"path": "/repo"}))
+    conn.poll(JOIN_TIMEOUT)
+    conn.close()
+
+
+def start_holder(registry_dir: Path, session_id: str) -> tuple[Any, Any, str]:
+    """Start a process holding ``session_id``; return it, its pipe and its instance id."""
+    parent, child = mp.Pipe()
+    proc = mp.Process(target=_hold_session, args=(str(registry_dir), session_id, child))
+    proc.start()
+    child.close()
+    assert parent.poll(JOIN_TIMEOUT)
+    instance_id: str = parent.recv()
+    return proc, parent, instance_id
+
+
+def _churn_worker(
+    registry_dir: str,
+    number: int,
+    heartbeats: int,
+    archive: bool,
+    barrier: Barrier,
+    conn: Connection,
+) -> None:
+    reg = SessionRegistry(registry_dir, lock_timeout=60.0)
+    barrier.wait(JOIN_TIMEOUT)
+    session_id = f"session-{number:02d}"
+    instance_id = reg.register_session(session_id, repo={"n": number}, instance={"agent": "t"})
+    ok = sum(reg.update_activity(instance_id) for _ in range(heartbeats))
+    archived = reg.archive_session(instance_id) if archive else False
+    conn.send((session_id, instance_id, ok, archived))
+    conn.close()
+
+
+class _Counter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> None:
+    """List the registry as fast as possible; count reads and anything partial."""
+    reg = SessionRegistry(registry_dir, lock_timeout=60.0)
+    warned = _Counter()
+    logging.getLogger(LOGGER).addHandler(warned)
+    listings = raw_reads = index_reads = locked_reads = bad = 0
+    ready.set()
+    while not stop.is_set():
+        for record in reg.get_current_sessions():
+            if not record["session_id"].startswith("session-"):
+                bad += 1
+        listings += 1
+        names = [n for n in _listing(reg.active_dir) if not n.startswith(".")]
+        for path in [reg.index_path, *(reg.active_dir / n for n in names)]:
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except ValueError:
+                bad += 1
+                continue
+            if not isinstance(data, dict) or data.get("format") != 1:
+                bad += 1
+            if path == reg.index_path:
+                index_reads += 1
+            else:
+                raw_reads += 1
+        if listings % 20 == 0 and reg.index_path.exists():
+            # Under the shared lock no change is half done: the index
+            # matches active/ exactly.
+            with reg._shared():
+                index = _load(reg.index_path)
+                names = [n for n in _listing(reg.active_dir) if not n.startswith(".")]
+            locked_reads += 1
+            holders = sorted(e["instance_id"] + ".json" for e in index["sessions"].values())
+            if holders != sorted(names):
+                bad += 1
+        time.sleep(0.001)  # leave the two cores to the writers
+    conn.send((listings, raw_reads, index_reads, locked_reads, bad, warned.count))
+    conn.close()
+
+
+# --------------------------------------------------------------------------
+# Construction and paths
+# --------------------------------------------------------------------------
+def test_default_directory_is_under_cwd_and_nothing_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reg = SessionRegistry()
+    assert reg.registry_dir == tmp_path / ".htmlgraph" / "sessions" / "registry"
+    assert reg.active_dir == reg.registry_dir / "active"
+    assert reg.archive_dir == reg.registry_dir / "archive"
+    assert reg.index_path == reg.registry_dir / ".index.json"
+    assert reg.get_current_sessions() == []
+    assert reg.get_index() == {}
+    assert reg.read_session(reg.get_instance_id()) is None
+    assert reg.update_activity(reg.get_instance_id()) is False
+    assert reg.archive_session(reg.get_instance_id()) is False
+    assert reg.reap_stale() == []
+    assert reg.find_session("nope") is None
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", [str, Path])
+def test_registry_dir_accepts_str_and_path_and_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: type[str] | type[Path]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reg = SessionRegistry(kind("reg"))
+    monkeypatch.chdir("/")
+    assert reg.registry_dir == tmp_path / "reg"
+    reg.register_session("s1")
+    assert (tmp_path / "reg" / "active" / f"{reg.get_instance_id()}.json").is_file()
+    assert "reg" in repr(reg)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"registry_dir": b"bytes"}, TypeError),
+        ({"registry_dir": 3}, TypeError),
+        ({"lock_timeout": "1"}, TypeError),
+        ({"lock_timeout": True}, TypeError),
+        ({"lock_timeout": -1.0}, ValueError),
+        ({"lock_timeout": float("nan")}, ValueError),
+    ],
+)
+def test_constructor_rejects_bad_arguments(
+    tmp_path: Path, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        SessionRegistry(**{"registry_dir": tmp_path / "r", **kwargs})
+    assert os.listdir(tmp_path) == []
+
+
+def test_get_session_file_path(reg: SessionRegistry) -> None:
+    path = reg.get_session_file_path("host-1-abc")
+    assert path == reg.active_dir / "host-1-abc.json"
+    assert not reg.registry_dir.exists()
+
+
+# --------------------------------------------------------------------------
+# Unsafe ids and bad input: rejected before touching the disk
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", UNSAFE_IDS)
+@pytest.mark.parametrize(
+    "method",
+    [
+        "register_session",
+        "read_session",
+        "update_activity",
+        "archive_session",
+        "get_session_file_path",
+        "find_session",
+    ],
+)
+def test_unsafe_ids_raise_value_error_naming_the_id(tmp_path: Path, method: str, bad: str) -> None:
+    reg = SessionRegistry(tmp_path / "registry")
+    with pytest.raises(ValueError, match="unsafe") as info:
+        getattr(reg, method)(bad)
+    shown = repr(bad)
+    assert (shown if len(shown) <= 80 else shown[:77]) in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"bytes", ["list"]])
+@pytest.mark.parametrize(
+    "method", ["register_session", "read_session", "update_activity", "archive_session"]
+)
+def test_non_string_ids_raise_type_error(tmp_path: Path, method: str, bad: object) -> None:
+    reg = SessionRegistry(tmp_path / "registry")
+    with pytest.raises(TypeError, match="must be a str"):
+        getattr(reg, method)(bad)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("good", SAFE_IDS)
+def test_safe_session_ids_are_accepted(reg: SessionRegistry, good: str) -> None:
+    iid = reg.register_session(good)
+    record = reg.read_session(iid)
+    assert record is not None
+    assert record["session_id"] == good
+    assert reg.find_session(good) == record
+    assert_consistent(reg)
+
+
+@pytest.mark.parametrize(
+    ("repo", "instance", "error"),
+    [
+        ("a string", None, TypeError),
+        (None, ["a", "list"], TypeError),
+        ({"x": object()}, None, TypeError),
+        ({1: "int key"}, None, TypeError),
+        ({"nan": float("nan")}, None, ValueError),
+        (None, {"inf": float("inf")}, ValueError),
+    ],
+)
+def test_register_rejects_bad_info_before_touching_disk(
+    tmp_path: Path, repo: Any, instance: Any, error: type[Exception]
+) -> None:
+    reg = SessionRegistry(tmp_path / "registry")
+    with pytest.raises(error, match=r"repo|instance"):
+        reg.register_session("s1", repo=repo, instance=instance)
+    assert os.listdir(tmp_path) == []
+
+
+def test_circular_info_is_rejected(tmp_path: Path) -> None:
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    reg = SessionRegistry(tmp_path / "registry")
+    with pytest.raises(ValueError, match="instance"):
+        reg.register_session("s1", instance=loop)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("max_idle", "error"), [(-1, ValueError), ("1", TypeError)])
+def test_reap_rejects_bad_max_idle(
+    reg: SessionRegistry, max_idle: Any, error: type[Exception]
+) -> None:
+    reg.register_session("s1")
+    with pytest.raises(error, match="max_idle"):
+        reg.reap_stale(max_idle=max_idle)
+    assert reg.read_session(reg.get_instance_id()) is not None
+
+
+# --------------------------------------------------------------------------
+# Instance ids
+# --------------------------------------------------------------------------
+def test_instance_id_is_stable_safe_and_names_host_and_pid(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_registry, "_hostname", lambda: "build.example.com")
+    iid = reg.get_instance_id()
+    assert iid == reg.get_instance_id() == SessionRegistry(Path("elsewhere")).get_instance_id()
+    assert session_registry._id_problem(iid) is None
+    assert iid.startswith(f"build_example_com-{os.getpid()}-")
+    assert len(iid.rsplit("-", 1)[1]) == 16
+
+
+def test_instance_ids_differ_across_simulated_hosts(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = {}
+    for host in ["host-a", "host-b", "db.example.com", "db_example_com", "", "ünïcode/host"]:
+        monkeypatch.setattr(session_registry, "_hostname", lambda host=host: host)
+        iid = reg.get_instance_id()
+        assert session_registry._id_problem(iid) is None, iid
+        seen[host] = iid
+    assert len(set(seen.values())) == len(seen)
+    # Same readable prefix, different hosts: the digest tells them apart.
+    assert seen["db.example.com"].split("-")[0] == seen["db_example_com"].split("-")[0]
+
+
+def test_instance_id_changes_when_the_pid_is_reused(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same host, same pid, another process: its start token differs.
+    monkeypatch.setattr(session_registry, "_own_start_token", lambda pid: "boot:1000")
+    first = reg.get_instance_id()
+    monkeypatch.setattr(session_registry, "_instance_cache", None)
+    assert reg.get_instance_id() == first  # deterministic for one process
+    monkeypatch.setattr(session_registry, "_instance_cache", None)
+    monkeypatch.setattr(session_registry, "_own_start_token", lambda pid: "boot:2000")
+    assert reg.get_instance_id() != first
+
+
+def test_instance_id_without_start_token_uses_a_per_process_random(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def no_token(pid: int) -> None:
+        calls.append(pid)
+
+    monkeypatch.setattr(session_registry, "_own_start_token", no_token)
+    monkeypatch.setattr(session_registry, "_fallback_token", None)
+    first = reg.get_instance_id()
+    assert calls == [os.getpid()]
+    assert reg.get_instance_id() == first
+    # A new process that got the same pid draws a new random value.
+    monkeypatch.setattr(session_registry, "_instance_cache", None)
+    monkeypatch.setattr(session_registry, "_fallback_token", None)
+    assert reg.get_instance_id() != first
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs os.fork")
+def test_instance_id_is_recomputed_in_a_forked_child(reg: SessionRegistry) -> None:
+    parent_id = reg.get_instance_id()  # cached before the fork
+    ctx: Any = mp.get_context("fork")
+    ids = []
+    for _ in range(2):
+        receiver, sender = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_report_instance_id, args=(sender,))
+        proc.start()
+        sender.close()
+        assert receiver.poll(JOIN_TIMEOUT)
+        pid, first, second = receiver.recv()
+        proc.join(JOIN_TIMEOUT)
+        assert proc.exitcode == 0
+        assert pid == proc.pid
+        assert first == second
+        assert f"-{pid}-" in first
+        ids.append(first)
+    assert len({parent_id, *ids}) == 3
+    assert reg.get_instance_id() == parent_id
+
+
+# --------------------------------------------------------------------------
+# register / read / heartbeat / archive
+# --------------------------------------------------------------------------
+def test_register_writes_record_and_index(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    iid = reg.register_session("s1", repo={"path": "/r", "branch": "main"}, instance={"a": 1})
+    assert iid == reg.get_instance_id()
+    record = reg.read_session(iid)
+    assert record is not None
+    assert record["format"] == 1
+    assert record["instance_id"] == iid
+    assert record["session_id"] == "s1"
+    assert record["pid"] == os.getpid()
+    assert record["hostname"] == session_registry._hostname()
+    assert record["process_start"] == session_registry._own_start_token(os.getpid())
+    assert record["created"] == record["last_activity"]
+    assert record["repo"] == {"path": "/r", "branch": "main"}
+    assert record["instance"] == {"a": 1}
+    assert _load(reg.get_session_file_path(iid)) == record
+    assert reg.get_index() == {
+        "s1": {"instance_id": iid, "created": record["created"], "last_activity": record["created"]}
+    }
+    assert reg.get_current_sessions() == [record]
+    assert reg.process_state(record) == "alive"
+    assert_consistent(reg)
+
+
+def test_register_again_same_session_keeps_created(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
+    iid = reg.register_session("s1", repo={"v": 1})
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: t0 + timedelta(seconds=5))
+    assert reg.register_session("s1", repo={"v": 2}) == iid
+    record = reg.read_session(iid)
+    assert record is not None
+    assert record["created"] == t0.isoformat()
+    assert record["last_activity"] == (t0 + timedelta(seconds=5)).isoformat()
+    assert record["repo"] == {"v": 2}
+    assert _listing(reg.archive_dir) == set()
+    assert_consistent(reg)
+
+
+def test_register_with_new_session_archives_the_previous_one(reg: SessionRegistry) -> None:
+    iid = reg.register_session("old")
+    reg.register_session("new")
+    assert set(reg.get_index()) == {"new"}
+    (archived,) = _listing(reg.archive_dir)
+    assert archived.startswith(f"{iid}-")
+    data = _load(reg.archive_dir / archived)
+    assert data["session_id"] == "old"
+    assert data["archive_reason"] == "re-registered"
+    assert reg.find_session("old") is None
+    assert_consistent(reg)
+
+
+def test_read_session_missing_is_none(reg: SessionRegistry) -> None:
+    assert reg.read_session("nobody") is None
+    reg.register_session("s1")
+    assert reg.read_session("nobody") is None
+
+
+def test_update_activity_advances_record_and_index(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
+    iid = reg.register_session("s1")
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: t0 + timedelta(minutes=3))
+    assert reg.update_activity(iid) is True
+    record = reg.read_session(iid)
+    assert record is not None
+    assert record["created"] == t0.isoformat()
+    assert record["last_activity"] == (t0 + timedelta(minutes=3)).isoformat()
+    assert reg.get_index()["s1"]["last_activity"] == record["last_activity"]
+    assert_consistent(reg)
+
+
+def test_update_activity_of_unknown_or_archived_instance_is_false(reg: SessionRegistry) -> None:
+    assert reg.update_activity("nobody") is False
+    iid = reg.register_session("s1")
+    assert reg.archive_session(iid) is True
+    assert reg.update_activity(iid) is False
+    assert not reg.get_session_file_path(iid).exists()  # not resurrected
+    assert_consistent(reg)
+
+
+def test_archive_session(reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    t0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
+    iid = reg.register_session("s1", repo={"r": 1})
+    before = reg.read_session(iid)
+    assert reg.archive_session(iid) is True
+    assert reg.read_session(iid) is None
+    assert reg.get_current_sessions() == []
+    assert reg.get_index() == {}
+    assert _listing(reg.active_dir) == set()
+    assert _listing(reg.archive_dir) == {f"{iid}-20300102T030405678901Z.json"}
+    data = _load(reg.archive_dir / f"{iid}-20300102T030405678901Z.json")
+    assert data == {**dict(before or {}), "archived": t0.isoformat(), "archive_reason": "archived"}
+    assert reg.archive_session(iid) is False
+    assert_consistent(reg)
+
+
+def test_archiving_twice_in_one_microsecond_keeps_both(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
+    iid = reg.register_session("s1")
+    assert reg.archive_session(iid)
+    reg.register_session("s1")
+    assert reg.archive_session(iid)
+    assert _listing(reg.archive_dir) == {
+        f"{iid}-20300101T000000000000Z.json",
+        f"{iid}-20300101T000000000000Z-1.json",
+    }
+    assert_consistent(reg)
+
+
+def test_get_current_sessions_sorted_and_ignores_temps(reg: SessionRegistry) -> None:
+    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    plant_record(reg, "inst-b", "sb", last_activity=base + timedelta(seconds=2))
+    plant_record(reg, "inst-a", "sa", last_activity=base + timedelta(seconds=1))
+    plant_record(reg, "inst-c", "sc", last_activity=base + timedelta(seconds=1))
+    (reg.active_dir / ".tmp-1-00ff-inst-d.json").write_text("{partial", encoding="utf-8")
+    (reg.active_dir / "notes.txt").write_text("not a record", encoding="utf-8")
+    assert [r["instance_id"] for r in reg.get_current_sessions()] == ["inst-a", "inst-c", "inst-b"]
+
+
+def test_find_session(reg: SessionRegistry) -> None:
+    iid = reg.register_session("s1")
+    plant_record(reg, "other-1", "s2", hostname="elsewhere", pid=1)
+    found = reg.find_session("s1")
+    assert found is not None
+    assert found["instance_id"] == iid
+    other = reg.find_session("s2")
+    assert other is not None
+    assert other["instance_id"] == "other-1"
+    assert reg.find_session("s3") is None
+
+
+def test_threads_sharing_one_registry_lose_no_heartbeat(reg: SessionRegistry) -> None:
+    iid = reg.register_session("s1")
+    errors: list[BaseException] = []
+    results: list[bool] = []
+
+    def beat() -> None:
+        try:
+            for _ in range(5):
+                results.append(reg.update_activity(iid))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=beat) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT)
+        assert not thread.is_alive()
+    assert errors == []
+    assert results == [True] * 30
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# Locking
+# --------------------------------------------------------------------------
+def test_changes_wait_for_the_lock_and_time_out(tmp_path: Path) -> None:
+    reg = SessionRegistry(tmp_path / "registry", lock_timeout=0.2)
+    iid = reg.register_session("s1")
+    before = reg.get_session_file_path(iid).read_bytes()
+    index_before = reg.index_path.read_bytes()
+    holder = DirectoryLocker(reg.lock_dir)
+    with holder.exclusive(timeout=5):
+        with pytest.raises(LockTimeout):
+            reg.update_activity(iid)
+        with pytest.raises(LockTimeout):
+            reg.register_session("s2")
+        with pytest.raises(LockTimeout):
+            reg.archive_session(iid)
+        with pytest.raises(LockTimeout):
+            reg.reap_stale()
+        with pytest.raises(LockTimeout):
+            reg.get_index()
+        # Lock-free readers still answer.
+        assert reg.read_session(iid) is not None
+        assert len(reg.get_current_sessions()) == 1
+    assert reg.get_session_file_path(iid).read_bytes() == before
+    assert reg.index_path.read_bytes() == index_before
+    assert reg.update_activity(iid) is True
+    assert_consistent(reg)
+
+
+def test_every_change_holds_the_exclusive_lock(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each write of the index must happen while another locker cannot get in.
+    probes: list[bool] = []
+    real = atomic_ops.atomic_json_write
+
+    def probing_write(path: Any, data: object, **kwargs: Any) -> None:
+        probes.append(DirectoryLocker(reg.lock_dir).acquire_shared_lock(timeout=0))
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(session_registry, "atomic_json_write", probing_write)
+    iid = reg.register_session("s1")
+    reg.update_activity(iid)
+    reg.archive_session(iid)
+    assert probes == [False, False, False]
+    assert DirectoryLocker(reg.lock_dir).acquire_shared_lock(timeout=0)
+
+
+# --------------------------------------------------------------------------
+# Reaping
+# --------------------------------------------------------------------------
+def test_reap_archives_dead_and_pid_reused_instances_only(reg: SessionRegistry) -> None:
+    mine = reg.register_session("mine")
+    plant_record(reg, "dead-1", "s-dead", pid=dead_pid())
+    plant_record(reg, "remote-1", "s-remote", hostname="another-host", pid=dead_pid())
+    expected = ["dead-1"]
+    if session_registry._own_start_token(os.getpid()) is not None:
+        # This pid is alive, but not the process that wrote the record.
+        plant_record(reg, "reused-1", "s-reused", pid=os.getpid(), process_start="boot:0")
+        expected.append("reused-1")
+    assert reg.reap_stale(max_idle=None) == expected
+    assert set(reg.get_index()) == {"mine", "s-remote"}
+    reasons = {
+        _load(p)["instance_id"]: _load(p)["archive_reason"] for p in reg.archive_dir.iterdir()
+    }
+    assert reasons == dict.fromkeys(expected, "process-gone")
+    assert reg.read_session(mine) is not None
+    assert reg.reap_stale(max_idle=None) == []
+    assert_consistent(reg)
+
+
+def test_reap_archives_idle_instances_on_any_host(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = datetime.now(timezone.utc)
+    mine = reg.register_session("mine")
+    plant_record(
+        reg, "remote-old", "s1", hostname="far", pid=7, last_activity=now - timedelta(hours=2)
+    )
+    plant_record(reg, "remote-new", "s2", hostname="far", pid=8, last_activity=now)
+    assert reg.reap_stale(max_idle=None) == []
+    assert reg.reap_stale(max_idle=3600) == ["remote-old"]
+    (name,) = _listing(reg.archive_dir)
+    assert _load(reg.archive_dir / name)["archive_reason"] == "idle"
+    # Much later, even this live process's instance counts as idle.
+    later = now + timedelta(days=2)
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: later)
+    assert reg.reap_stale() == sorted([mine, "remote-new"])
+    assert reg.get_current_sessions() == []
+    assert_consistent(reg)
+
+
+def test_reap_removes_orphaned_temp_files(reg: SessionRegistry) -> None:
+    reg.register_session("s1")
+    orphan = reg.active_dir / f".tmp-{dead_pid()}-0123456789abcdef-x.json"
+    orphan.write_text("{", encoding="utf-8")
+    old = time.time() - 2 * 3600
+    os.utime(orphan, (old, old))
+    fresh = reg.active_dir / f".tmp-{dead_pid()}-fedcba9876543210-y.json"
+    fresh.write_text("{", encoding="utf-8")
+    assert reg.reap_stale(max_idle=None) == []
+    assert not orphan.exists()
+    assert fresh.exists()  # too young to be sure it is abandoned
+    fresh.unlink()
+    assert_consistent(reg)
+
+
+def test_session_conflict_with_live_holder_then_takeover(reg: SessionRegistry) -> None:
+    proc, pipe, holder = start_holder(reg.registry_dir, "shared")
+    try:
+        with pytest.raises(SessionConflictError) as info:
+            reg.register_session("shared")
+        err = info.value
+        assert isinstance(err, ValueError)
+        assert (err.session_id, err.instance_id) == ("shared", holder)
+        assert holder in str(err)
+        clone = pickle.loads(pickle.dumps(err))
+        assert (type(clone), clone.session_id, clone.instance_id) == (type(err), "shared", holder)
+        assert str(clone) == str(err)
+        assert reg.read_session(reg.get_instance_id()) is None
+    finally:
+        pipe.send("stop")
+        proc.join(JOIN_TIMEOUT)
+    assert proc.exitcode == 0
+    # The holder is gone now: the session is taken over, its record archived.
+    mine = reg.register_session("shared")
+    assert reg.get_index()["shared"]["instance_id"] == mine
+    (name,) = _listing(reg.archive_dir)
+    data = _load(reg.archive_dir / name)
+    assert (data["instance_id"], data["archive_reason"]) == (holder, "superseded")
+    assert_consistent(reg)
+
+
+def test_session_held_on_another_host_is_a_conflict(reg: SessionRegistry) -> None:
+    plant_record(reg, "remote-1", "s1", hostname="another-host", pid=dead_pid())
+    with pytest.raises(SessionConflictError):
+        reg.register_session("s1")
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# Corruption: reported, skipped, rebuilt; never a crash
+# --------------------------------------------------------------------------
+CORRUPT_INDEXES = {
+    "truncated": None,  # filled in from a real index below
+    "empty": b"",
+    "garbage": b"\x00\xff\xfegarbage{{{",
+    "not-utf8": b'{"format": 1, "sessions": {"\xff": {}}}',
+    "a-list": b"[1, 2, 3]",
+    "no-format": b'{"sessions": {}}',
+    "format-string": b'{"format": "1", "sessions": {}}',
+    "sessions-list": b'{"format": 1, "sessions": []}',
+    "entry-not-object": b'{"format": 1, "sessions": {"s": 5}}',
+    "instance-int": b'{"format": 1, "sessions": {"s": {"instance_id": 5, "created": "x"}}}',
+    "bad-time": (
+        b'{"format": 1, "sessions": {"s": {"instance_id": "i", "created": "yesterday",'
+        b' "last_activity": "now"}}}'
+    ),
+    "unsafe-session": (
+        b'{"format": 1, "sessions": {"../x": {"instance_id": "i",'
+        b' "created": "2030-01-01T00:00:00+00:00", "last_activity": "2030-01-01T00:00:00+00:00"}}}'
+    ),
+    "deep": b"[" * 100000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT_INDEXES))
+@pytest.mark.parametrize("next_use", ["get_index", "update_activity", "register", "find"])
+def test_corrupt_index_is_rebuilt_with_a_warning(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture, kind: str, next_use: str
+) -> None:
+    iid = reg.register_session("s1")
+    plant_record(reg, "remote-1", "s2", hostname="far", pid=1)
+    good = reg.index_path.read_bytes()
+    corrupt = CORRUPT_INDEXES[kind]
+    reg.index_path.write_bytes(good[: len(good) // 2] if corrupt is None else corrupt)
+    assert len(reg.get_current_sessions()) == 2  # listing never needs the index
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        if next_use == "get_index":
+            assert set(reg.get_index()) == {"s1", "s2"}
+        elif next_use == "update_activity":
+            assert reg.update_activity(iid) is True
+        elif next_use == "register":
+            reg.register_session("s1")
+        else:
+            found = reg.find_session("s2")
+            assert found is not None
+            assert found["instance_id"] == "remote-1"
+    assert any("rebuilt session index" in m and "corrupt" in m for m in warnings_of(caplog))
+    assert_consistent(reg)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert set(reg.get_index()) == {"s1", "s2"}
+    assert warnings_of(caplog) == []  # repaired once, for good
+
+
+def test_missing_index_is_rebuilt_from_active(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    iid = reg.register_session("s1")
+    reg.index_path.unlink()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert reg.get_index()["s1"]["instance_id"] == iid
+    assert any("missing" in m for m in warnings_of(caplog))
+    assert_consistent(reg)
+
+
+def test_fresh_registry_rebuilds_without_warning(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        iid = reg.register_session("s1")
+        assert reg.archive_session(iid)
+        assert reg.get_index() == {}
+    assert warnings_of(caplog) == []
+    assert_consistent(reg)
+
+
+CORRUPT_RECORDS = {
+    "truncated": b'{"format": 1, "instance_id": "vic',
+    "empty": b"",
+    "garbage": b"\x89PNG\r\n\x1a\n",
+    "a-list": b"[]",
+    "pid-string": None,  # a valid record with one wrong type, built below
+    "wrong-instance": None,
+    "unsafe-session": None,
+}
+
+
+def _broken_record(kind: str) -> bytes:
+    record: dict[str, Any] = {
+        "format": 1,
+        "instance_id": "victim",
+        "session_id": "sv",
+        "hostname": "far",
+        "pid": 1,
+        "process_start": None,
+        "created": "2030-01-01T00:00:00+00:00",
+        "last_activity": "2030-01-01T00:00:00+00:00",
+        "repo": None,
+        "instance": None,
+    }
+    if kind == "pid-string":
+        record["pid"] = "1"
+    elif kind == "wrong-instance":
+        record["instance_id"] = "someone-else"
+    elif kind == "unsafe-session":
+        record["session_id"] = "../../etc"
+    return json.dumps(record).encode()
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT_RECORDS))
+def test_corrupt_record_is_skipped_then_quarantined(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    iid = reg.register_session("s1")
+    plant_record(reg, "victim", "sv", hostname="far", pid=1)
+    content = CORRUPT_RECORDS[kind]
+    (reg.active_dir / "victim.json").write_bytes(
+        _broken_record(kind) if content is None else content
+    )
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert [r["instance_id"] for r in reg.get_current_sessions()] == [iid]
+        assert reg.read_session("victim") is None
+    assert sum("corrupt session record" in m for m in warnings_of(caplog)) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert reg.update_activity("victim") is False
+    assert any("moved corrupt session record" in m for m in warnings_of(caplog))
+    assert set(reg.get_index()) == {"s1"}
+    (quarantined,) = _listing(reg.archive_dir)
+    assert quarantined.startswith("victim-")
+    assert quarantined.endswith(".corrupt")
+    assert_consistent(reg, allow_corrupt=True)
+
+
+def test_corrupt_record_found_by_rebuild_is_quarantined(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg.register_session("s1")
+    (reg.active_dir / "junk.json").write_bytes(b"not json")
+    (reg.active_dir / ".dotfile.json").write_bytes(b"ignored: not ours")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert set(reg.get_index()) == {"s1"}
+    messages = warnings_of(caplog)
+    assert any("moved corrupt" in m for m in messages)
+    assert any("out of step" in m for m in messages)
+    (reg.active_dir / ".dotfile.json").unlink()
+    assert_consistent(reg, allow_corrupt=True)
+
+
+# --------------------------------------------------------------------------
+# Crash ordering: each intermediate state of an archive is repaired
+# --------------------------------------------------------------------------
+def test_crash_after_archive_copy_leaves_instance_active(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    iid = reg.register_session("s1")
+    hits = []
+
+    def crash_on_unlink(path: Path) -> None:
+        hits.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session_registry, "_remove", crash_on_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        reg.archive_session(iid)
+    monkeypatch.undo()
+    assert hits == [reg.get_session_file_path(iid)]
+    # The copy is in archive/, the record still active and indexed.
+    assert len(_listing(reg.archive_dir)) == 1
+    assert reg.read_session(iid) is not None
+    assert_consistent(reg)
+    assert reg.archive_session(iid) is True
+    assert len(_listing(reg.archive_dir)) == 2
+    assert_consistent(reg)
+
+
+def test_crash_before_index_update_is_repaired(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    iid = reg.register_session("s1")
+    other = plant_record(reg, "remote-1", "s2", hostname="far", pid=1)
+    hits = []
+
+    def crash(path: Any, data: object, **kwargs: Any) -> None:
+        hits.append(path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(session_registry, "atomic_json_write", crash)
+    with pytest.raises(OSError, match="No space"):
+        reg.archive_session(iid)
+    monkeypatch.undo()
+    assert hits == [reg.index_path]
+    assert not reg.get_session_file_path(iid).exists()
+    assert "s1" in _load(reg.index_path)["sessions"]  # stale
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert set(reg.get_index()) == {"s2"}
+    assert any("out of step" in m for m in warnings_of(caplog))
+    assert reg.find_session("s2") == other
+    assert_consistent(reg)
+
+
+def test_crash_between_record_and_index_of_a_reregistration(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    iid = reg.register_session("first")
+    # What register("second") leaves if killed between its two writes.
+    path = reg.get_session_file_path(iid)
+    record = _load(path)
+    record["session_id"] = "second"
+    path.write_text(json.dumps(record), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert reg.find_session("first") is None
+        found = reg.find_session("second")
+    assert found is not None
+    assert found["instance_id"] == iid
+    assert any("disagrees" in m for m in warnings_of(caplog))
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# Real processes
+# --------------------------------------------------------------------------
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_sigkill_then_reap_archives_exactly_that_instance(reg: SessionRegistry) -> None:
+    procs, pipes, ids = [], [], []
+    for n in range(3):
+        proc, pipe, instance_id = start_holder(reg.registry_dir, f"kill-{n}")
+        procs.append(proc)
+        pipes.append(pipe)
+        ids.append(instance_id)
+    try:
+        assert reg.reap_stale(max_idle=None) == []
+        procs[1].kill()
+        procs[1].join(JOIN_TIMEOUT)
+        assert procs[1].exitcode == -9
+        assert reg.reap_stale(max_idle=None) == [ids[1]]
+        assert {r["instance_id"] for r in reg.get_current_sessions()} == {ids[0], ids[2]}
+        assert set(reg.get_index()) == {"kill-0", "kill-2"}
+        (name,) = _listing(reg.archive_dir)
+        data = _load(reg.archive_dir / name)
+        assert (data["instance_id"], data["archive_reason"]) == (ids[1], "process-gone")
+        assert_consistent(reg)
+    finally:
+        for pipe, proc in zip(pipes, procs, strict=True):
+            if proc.is_alive():
+                pipe.send("stop")
+        for proc in procs:
+            proc.join(JOIN_TIMEOUT)
+    assert [p.exitcode for p in procs] == [0, -9, 0]
+    # The survivors exited without archiving: now they are gone too.
+    assert reg.reap_stale(max_idle=None) == sorted([ids[0], ids[2]])
+    assert_consistent(reg)
+
+
+def run_churn(registry_dir: Path, workers: int, heartbeats: int) -> dict[str, Any]:
+    barrier = mp.Barrier(workers)
+    ready, stop = mp.Event(), mp.Event()
+    reader_rx, reader_tx = mp.Pipe(duplex=False)
+    reader = mp.Process(target=_reader, args=(str(registry_dir), ready, stop, reader_tx))
+    reader.start()
+    reader_tx.close()
+    assert ready.wait(JOIN_TIMEOUT)
+    pipes, procs = [], []
+    for n in range(workers):
+        rx, tx = mp.Pipe(duplex=False)
+        proc = mp.Process(
+            target=_churn_worker,
+            args=(str(registry_dir), n, heartbeats, n % 2 == 0, barrier, tx),
+        )
+        proc.start()
+        tx.close()
+        pipes.append(rx)
+        procs.append(proc)
+    started = time.monotonic()
+    results = []
+    try:
+        for rx in pipes:
+            assert rx.poll(JOIN_TIMEOUT)
+            results.append(rx.recv())
+    finally:
+        for proc in procs:
+            proc.join(JOIN_TIMEOUT)
+        stop.set()
+        reader.join(JOIN_TIMEOUT)
+    elapsed = time.monotonic() - started
+    assert [p.exitcode for p in procs] == [0] * workers
+    assert reader.exitcode == 0
+    assert reader_rx.poll(JOIN_TIMEOUT)
+    listings, raw_reads, index_reads, locked_reads, bad, warned = reader_rx.recv()
+    return {
+        "results": results,
+        "elapsed": elapsed,
+        "listings": listings,
+        "raw_reads": raw_reads,
+        "index_reads": index_reads,
+        "locked_reads": locked_reads,
+        "bad": bad,
+        "warned": warned,
+    }
+
+
+def check_churn(reg: SessionRegistry, run: dict[str, Any], workers: int, heartbeats: int) -> None:
+    results = run["results"]
+    assert len(results) == workers
+    assert all(ok == heartbeats for _, _, ok, _ in results)
+    ids = [iid for _, iid, _, _ in results]
+    assert len(set(ids)) == workers, "instance ids collided"
+    kept = {sid: iid for sid, iid, _, archived in results if not archived}
+    gone = {iid for _, iid, _, archived in results if archived}
+    assert len(kept) == len(gone) == workers // 2
+    # The index and active/ agree exactly: no entry lost, none duplicated.
+    assert _listing(reg.active_dir) == {f"{iid}.json" for iid in kept.values()}
+    index = reg.get_index()
+    assert {sid: e["instance_id"] for sid, e in index.items()} == kept
+    for record in reg.get_current_sessions():
+        assert record["last_activity"] >= record["created"]
+    archived = [_load(p) for p in reg.archive_dir.iterdir()]
+    assert sorted(a["instance_id"] for a in archived) == sorted(gone)
+    assert {a["archive_reason"] for a in archived} == {"archived"}
+    assert_consistent(reg)
+    # The concurrent reader read plenty and never saw a partial or corrupt file.
+    assert run["listings"] > 0
+    assert run["raw_reads"] > 0
+    assert run["bad"] == 0
+    assert run["warned"] == 0
+
+
+@pytest.mark.slow
+def test_32_processes_register_heartbeat_archive_at_once(tmp_path: Path) -> None:
+    reg = SessionRegistry(tmp_path / "registry")
+    run = run_churn(reg.registry_dir, workers=32, heartbeats=20)
+    print(
+        f"\n32x(register + 20 heartbeats) + 16 archives: {run['elapsed']:.1f}s;"
+        f" reader: {run['listings']} listings, {run['raw_reads']} record reads,"
+        f" {run['index_reads']} index reads, {run['locked_reads']} locked index reads"
+    )
+    check_churn(reg, run, workers=32, heartbeats=20)
+
+
+def test_8_processes_register_heartbeat_archive_at_once(tmp_path: Path) -> None:
+    reg = SessionRegistry(tmp_path / "registry", durable=False)
+    run = run_churn(reg.registry_dir, workers=8, heartbeats=5)
+    check_churn(reg, run, workers=8, heartbeats=5)
