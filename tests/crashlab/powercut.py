@@ -55,7 +55,7 @@ TARGET_NAME = "target.dat"
 class Worker:
     """A long-lived child process that performs writes on request."""
 
-    def __init__(self, cwd: str) -> None:
+    def __init__(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(_TESTS_DIR), str(_SRC_DIR), env.get("PYTHONPATH", "")]
@@ -64,7 +64,6 @@ class Worker:
             [sys.executable, "-m", "crashlab.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            cwd=cwd,
             env=env,
             text=True,
             bufsize=1,
@@ -185,7 +184,8 @@ class PowerCutLab:
 
     def __init__(self, fs: LoopFs, seed: str = "crashlab") -> None:
         self.fs = fs
-        self.worker = Worker(cwd=fs.mnt)
+        # Not started inside the mount: a stray worker must not keep it busy.
+        self.worker = Worker()
         self._trial = 0
         self._rng = random.Random(f"{seed}/{fs.kind.name}")
         # Running estimate of one call per writer, to aim "during" cuts inside it.
