@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from htmlgraph import _locker as lockmod
-from htmlgraph._locker import DirectoryLocker
+from htmlgraph import atomic_ops as lockmod
+from htmlgraph.atomic_ops import DirectoryLocker
 
 if sys.platform == "linux":
 

@@ -33,7 +33,7 @@ from _lockhelpers import (
     run_torture,
     torture_worker,
 )
-from htmlgraph._locker import DirectoryLocker
+from htmlgraph.atomic_ops import DirectoryLocker
 
 pytestmark = pytest.mark.slow
 

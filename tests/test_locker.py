@@ -28,9 +28,9 @@ from _lockhelpers import (
     hold_until_killed,
     mp_context,
 )
-from htmlgraph import _locker as lockmod
 from htmlgraph import _platform
-from htmlgraph._locker import DirectoryLocker, LockTimeout
+from htmlgraph import atomic_ops as lockmod
+from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout
 
 POSIX = sys.platform != "win32"
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -288,7 +288,7 @@ class TestPublishFaults:
             calls.append(fd)
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(lockmod, "_lock_write_all", disk_full)
+        monkeypatch.setattr(lockmod, "_write_all", disk_full)
         locker = DirectoryLocker(lock_dir)
         with pytest.raises(OSError, match="No space left"):
             locker.acquire_exclusive_lock(timeout=5)
@@ -435,10 +435,14 @@ class TestOddCases:
         def no_proc(path: str) -> str:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
 
-        monkeypatch.setattr(lockmod, "_lock_pidns_cache", [])
+        _platform.pid_namespace.cache_clear()
         monkeypatch.setattr(os, "readlink", no_proc)
-        assert lockmod._lock_pid_namespace() is None
-        assert lockmod._lock_pid_namespace() is None  # cached
+        try:
+            assert lockmod._lock_pid_namespace() is None
+            monkeypatch.undo()
+            assert lockmod._lock_pid_namespace() is None  # cached
+        finally:
+            _platform.pid_namespace.cache_clear()
 
     def test_zombie_check_of_a_gone_pid(self) -> None:
         assert lockmod._lock_pid_is_zombie(dead_pid()) is False

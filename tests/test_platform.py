@@ -177,22 +177,27 @@ def test_start_token_of_a_dead_pid_is_none() -> None:
 
 
 def test_start_token_parses_a_command_name_with_parentheses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fields = " ".join(str(n) for n in range(3, 30))
-    stat = tmp_path / "stat"
-    stat.write_bytes(f"42 (evil) name) ) {fields}\n".encode())
-    real_open = open
-
-    def fake_open(path: str, mode: str = "r", *args: object, **kwargs: object) -> object:
-        if path == "/proc/42/stat":
-            return real_open(stat, mode)
-        return real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload,unused-ignore]
-
-    monkeypatch.setattr("builtins.open", fake_open)
+    stat = f"42 (evil) name) ) {fields}\n".encode()
+    monkeypatch.setattr(_platform, "_read_proc_stat", lambda pid: stat if pid == 42 else None)
     token = _platform.process_start_token(42)
     assert token is not None
     assert token.endswith(":22")  # field 22 of proc(5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_zombie_is_seen_until_reaped() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while not _platform.pid_is_zombie(proc.pid):
+        assert time.monotonic() < deadline, "the child never became a zombie"
+        time.sleep(0.01)
+    assert _platform.pid_exists(proc.pid), "kill(pid, 0) succeeds on a zombie"
+    assert proc.wait(timeout=30) == 0
+    assert not _platform.pid_is_zombie(proc.pid)
+    assert not _platform.pid_is_zombie(os.getpid())
 
 
 def _report_cached_pid(queue: multiprocessing.Queue[tuple[int, int]]) -> None:

@@ -39,8 +39,11 @@ __all__ = [
     "keep_owner",
     "own_ids",
     "pid_exists",
+    "pid_is_zombie",
+    "pid_namespace",
     "process_start_token",
     "replace",
+    "unlink",
 ]
 
 IS_WINDOWS = sys.platform == "win32"
@@ -187,10 +190,8 @@ def process_start_token(pid: int) -> str | None:
     """
     if IS_WINDOWS:
         return _windows_start_token(pid)
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    stat = _read_proc_stat(pid)
+    if stat is None:
         return None
     # The command name (field 2) is in parentheses and may contain spaces or
     # ')' itself, so split after the *last* ')'. Field 22 is then index 19.
@@ -198,6 +199,77 @@ def process_start_token(pid: int) -> str | None:
     if len(fields) < 20:
         return None
     return f"{_boot_id()}:{fields[19].decode('ascii')}"
+
+
+@lru_cache(maxsize=1)
+def pid_namespace() -> str | None:
+    """Return this process's pid-namespace identity (Linux), or None elsewhere.
+
+    Two containers that share a directory and a host name but not a pid
+    namespace must not judge each other's pids, so lock records carry it and
+    a marker from another namespace counts as foreign. A process keeps its
+    pid namespace for life (unshare(CLONE_NEWPID) only affects its children,
+    pid_namespaces(7)), so the answer is cached.
+    """
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def pid_is_zombie(pid: int) -> bool:
+    """Return whether ``pid`` is a zombie (Linux), i.e. dead but not yet reaped.
+
+    ``kill(pid, 0)`` succeeds on a zombie, yet a zombie can never release a
+    lock. proc(5): field 3 of ``/proc/<pid>/stat`` is the state, ``Z`` for a
+    zombie and ``X`` for a dead task; it follows the parenthesised command
+    name, which may itself contain ``)``.
+    """
+    stat = _read_proc_stat(pid)
+    if stat is None:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state in (b"Z", b"X")
+
+
+def unlink(path: str) -> None:
+    """Remove ``path``; on Windows retry briefly while another process has it open.
+
+    Windows refuses to delete a file another process holds open without
+    FILE_SHARE_DELETE (PermissionError); lock peers hold a marker open only
+    for the microseconds of reading it, so ten tries from 1 ms doubling
+    suffice. POSIX never retries: EACCES there is a real permission problem.
+    """
+    if not IS_WINDOWS:
+        os.unlink(path)
+        return
+    delay = 0.001
+    for attempt in range(10):
+        try:
+            os.unlink(path)
+        except PermissionError:
+            if attempt == 9:
+                raise
+            time.sleep(delay)
+            delay *= 2
+        else:
+            return
+
+
+def _read_proc_stat(pid: int) -> bytes | None:
+    """Return ``/proc/<pid>/stat`` (Linux) or None; os.open/os.read: 3 syscalls, not 9."""
+    if sys.platform != "linux":
+        return None
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 if sys.platform != "win32":

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -396,7 +397,7 @@ class SessionRegistry:
 
     Safe across threads and processes: every change takes the registry's
     exclusive marker-file lock (:class:`~htmlgraph.atomic_ops.DirectoryLocker`
-    in ``registry/.lock/``) and every file is replaced atomically, so N
+    in ``registry/.lock/``; threads sharing one object take turns) and every file is replaced atomically, so N
     instances registering, heartbeating and archiving at once lose no entry and
     no reader ever sees a partial file. Writes are durable (fsynced) unless
     ``durable=False``. The lock is advisory and assumes a local filesystem;
@@ -439,6 +440,8 @@ class SessionRegistry:
         self.lock_dir = directory / _LOCK_NAME
         self.lock_timeout = float(lock_timeout)
         self.durable = durable
+        self._lock: DirectoryLocker | None = None
+        self._locker_guard = threading.Lock()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.registry_dir)!r})"
@@ -536,7 +539,13 @@ class SessionRegistry:
                 if existing["session_id"] == session_id:
                     created = existing["created"]
                 else:
+                    # Finish the archive, index included, before the new
+                    # record appears: a crash in between then leaves a
+                    # membership mismatch (detected), never a record whose
+                    # index entry names its old session.
                     self._archive_locked(existing, "re-registered", now)
+                    _drop_instance(entries, instance_id)
+                    self._write_index(entries)
             record = SessionRecord(
                 format=FORMAT_VERSION,
                 instance_id=instance_id,
@@ -816,18 +825,25 @@ class SessionRegistry:
     def _active_path(self, instance_id: str) -> Path:
         return self.active_dir / f"{instance_id}{_SUFFIX}"
 
+    def _locker(self) -> DirectoryLocker:
+        # One locker for the life of this registry object, made on first use
+        # (its constructor creates the lock directory). Threads sharing the
+        # object take turns on it, and a long-lived locker also sweeps the
+        # pending files that killed claimants leave (DirectoryLocker only
+        # removes one after seeing it for a while).
+        with self._locker_guard:
+            if self._lock is None:
+                self._lock = DirectoryLocker(self.lock_dir)
+            return self._lock
+
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
-        # One locker per operation: each DirectoryLocker is its own owner, so
-        # threads sharing this SessionRegistry exclude each other too.
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        with DirectoryLocker(self.lock_dir).exclusive(timeout=self.lock_timeout):
+        with self._locker().exclusive(timeout=self.lock_timeout):
             yield
 
     @contextmanager
     def _shared(self) -> Iterator[None]:
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        with DirectoryLocker(self.lock_dir).shared(timeout=self.lock_timeout):
+        with self._locker().shared(timeout=self.lock_timeout):
             yield
 
     def _active_names(self) -> set[str]:
