@@ -227,6 +227,13 @@ def json_ours_fast(path: str, obj: object) -> None:
     ours("atomic_json_write")(path, obj, durable=False)
 
 
+def json_ours_stream(path: str, obj: object) -> None:
+    """``json.dump`` streamed into ``AtomicFileWriter`` (durable)."""
+    with ours("AtomicFileWriter")(path, mode="w") as f:
+        json.dump(obj, f, **_JSON_KW)
+        f.write("\n")
+
+
 def _json_atomicwrites(path: str, obj: object) -> None:
     from atomicwrites import atomic_write
 
@@ -284,6 +291,12 @@ JSON_WRITERS: list[JsonWriter] = [
         json_ours_fast,
         "htmlgraph atomic_write(durable=False)",
         _have_ours("atomic_json_write"),
+    ),
+    JsonWriter(
+        "json.dump + htmlgraph AtomicFileWriter",
+        json_ours_stream,
+        "htmlgraph AtomicFileWriter",
+        _have_ours("AtomicFileWriter"),
     ),
     JsonWriter(
         "json.dump + atomicwrites", _json_atomicwrites, "atomicwrites", _importable("atomicwrites")
