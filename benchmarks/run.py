@@ -79,7 +79,7 @@ def evaluate_targets(
     if aa:
         rows.append(
             [
-                "(noise) A/A control: the floors timed twice, |ratio - 1|",
+                "(noise) A/A control: the floors timed twice, abs(ratio - 1)",
                 f"median {statistics.median(aa):.1%}, worst {max(aa):.1%}",
                 "info",
             ]
