@@ -23,19 +23,15 @@ SRC_DIR = REPO_ROOT / "src"
 
 
 def import_htmlgraph() -> ModuleType | None:
-    """Import ``htmlgraph.atomic_ops``, from the checkout if it is not installed.
+    """Import ``htmlgraph.atomic_ops`` from this checkout's ``src/``.
 
-    Returns None while the module does not exist yet, so the harness still
-    measures the floors and the peers.
+    The checkout wins over any installed copy, so the numbers are those of
+    the code next to the benchmarks (and the same code the strace children
+    run). Returns None while the module does not exist yet, so the harness
+    still measures the floors and the peers.
     """
-    try:
-        return importlib.import_module("htmlgraph.atomic_ops")
-    except ImportError:
-        pass
     if str(SRC_DIR) not in sys.path:
         sys.path.insert(0, str(SRC_DIR))
-    for name in [m for m in sys.modules if m == "htmlgraph" or m.startswith("htmlgraph.")]:
-        del sys.modules[name]
     try:
         return importlib.import_module("htmlgraph.atomic_ops")
     except ImportError:
@@ -234,8 +230,14 @@ def machine_info(bench_dir: Path) -> dict[str, str]:
         "filesystem": fs_type(bench_dir),
         "load average at start": load,
         "htmlgraph src": htmlgraph_revision(),
+        "htmlgraph imported from": _module_file(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def _module_file() -> str:
+    mod = import_htmlgraph()
+    return str(getattr(mod, "__file__", "not importable")) if mod is not None else "not importable"
 
 
 def peer_versions() -> dict[str, str]:
