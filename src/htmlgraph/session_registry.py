@@ -397,13 +397,14 @@ class SessionRegistry:
 
     Safe across threads and processes: every change takes the registry's
     exclusive marker-file lock (:class:`~htmlgraph.atomic_ops.DirectoryLocker`
-    in ``registry/.lock/``; threads sharing one object take turns) and every file is replaced atomically, so N
-    instances registering, heartbeating and archiving at once lose no entry and
-    no reader ever sees a partial file. Writes are durable (fsynced) unless
-    ``durable=False``. The lock is advisory and assumes a local filesystem;
-    all users of one registry must go through this class. Nothing touches the
-    disk until the first change: reading a registry that does not exist
-    returns empty results without creating it.
+    in ``registry/.lock/``; threads sharing one object take turns) and every
+    file is replaced atomically, so N instances registering, heartbeating and
+    archiving at once lose no entry and no reader ever sees a partial file.
+    Writes are durable (fsynced) unless ``durable=False``. The lock is
+    advisory and assumes a local filesystem; all users of one registry must go
+    through this class. Nothing touches the disk until the first change:
+    reading a registry that does not exist returns empty results without
+    creating it.
 
     Args:
         registry_dir: The registry directory; by default
