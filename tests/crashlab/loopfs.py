@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -251,7 +252,9 @@ class Stage:
 
     def __enter__(self) -> Stage:
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
-        self.root = Path(tempfile.mkdtemp(prefix="crashlab-", dir=base))
+        reap_stale_stages(base or tempfile.gettempdir())
+        # The pid in the name lets a later run recognise a stage whose run died.
+        self.root = Path(tempfile.mkdtemp(prefix=f"crashlab-{os.getpid()}-", dir=base))
         self.images = self.root
         try:
             if self._want_reflink and shutil.which("mkfs.xfs"):
@@ -452,31 +455,113 @@ class LoopFs:
 
 
 @contextlib.contextmanager
-def lowered_sysctl(path: str, value: int) -> Iterator[bool]:
+def lowered_sysctl(path: str, value: int, state_dir: str | None = None) -> Iterator[bool]:
     """Temporarily lower a numeric /proc/sys knob to ``value``; yields whether it is lowered.
 
-    If the knob is already at or below ``value`` (another lab run lowered it)
-    it is left alone and not restored by us, so two concurrent runs can never
-    leave the host with the lowered value.
+    The original value is also written to a state file named after our pid, so
+    a later run can restore it if this process dies before its ``finally``.
+    If the knob is already at or below ``value`` because another *live* run
+    lowered it, it is left alone (that run restores it).
     """
+    if state_dir is None:
+        state_dir = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
     knob = Path(path)
+    prefix = f"crashlab-sysctl-{knob.name}-"
     try:
-        old = int(knob.read_text(encoding="ascii").strip())
+        current = int(knob.read_text(encoding="ascii").strip())
+        # Restore what a dead run left lowered.
+        for name in os.listdir(state_dir):
+            if not name.startswith(prefix) or _pid_alive(int(name[len(prefix) :])):
+                continue
+            state = Path(state_dir, name)
+            original = int(state.read_text(encoding="ascii"))
+            if current == value:
+                knob.write_text(str(original), encoding="ascii")
+                current = original
+            state.unlink()
     except (OSError, ValueError):
         yield False
         return
-    if old <= value:
+    if current <= value:
         yield True
         return
+    state = Path(state_dir, f"{prefix}{os.getpid()}")
     try:
+        state.write_text(str(current), encoding="ascii")
         knob.write_text(str(value), encoding="ascii")
     except OSError:
+        state.unlink(missing_ok=True)
         yield False
         return
     try:
         yield True
     finally:
-        knob.write_text(str(old), encoding="ascii")
+        knob.write_text(str(current), encoding="ascii")
+        state.unlink(missing_ok=True)
+
+
+_STAGE_NAME = re.compile(r"/crashlab-(\d+)-[^/\s)]*")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mount_points() -> list[str]:
+    points = []
+    for line in run(["mount"], check=False).splitlines():
+        parts = line.split(" on ", 1)
+        if len(parts) == 2:
+            points.append(parts[1].split(" type ", 1)[0])
+    return points
+
+
+def reap_stale_stages(base: str) -> list[str]:
+    """Undo mounts and loop devices left by lab runs that died (SIGKILL, timeout).
+
+    Only stages under ``base`` whose creating pid no longer exists are touched;
+    a stage directory is removed only once nothing is mounted inside it.
+    Returns the stage roots cleaned.
+    """
+    marker = os.path.join(base, "crashlab-")
+    entries = [("mount", p) for p in _mount_points()]
+    entries += [("loop", line) for line in run(["losetup", "-a"], check=False).splitlines()]
+    stale: set[str] = set()
+    targets: list[tuple[str, str]] = []  # ("mount", path) / ("loop", device)
+    for what, text in entries:
+        match = _STAGE_NAME.search(text)
+        if match is None or marker not in text or _pid_alive(int(match.group(1))):
+            continue
+        stale.add(base + match.group(0))
+        targets.append((what, text if what == "mount" else text.split(":", 1)[0]))
+    for name in os.listdir(base):
+        match = _STAGE_NAME.match("/" + name)
+        if match is not None and not _pid_alive(int(match.group(1))):
+            stale.add(os.path.join(base, name))
+    # Inner mounts and loops hold the reflink stage busy: retry in rounds,
+    # mounts before loop devices.
+    for _ in range(5):
+        remaining = []
+        for what, name in sorted(targets, key=lambda t: t[0] == "loop"):
+            argv = ["umount", name] if what == "mount" else ["losetup", "-d", name]
+            if subprocess.run(argv, capture_output=True, timeout=60, check=False).returncode:
+                remaining.append((what, name))
+        targets = remaining
+        if not targets:
+            break
+    mounted = _mount_points()
+    cleaned = []
+    for root in sorted(stale):
+        if not any(p == root or p.startswith(root + "/") for p in mounted):
+            shutil.rmtree(root, ignore_errors=True)
+            cleaned.append(root)
+    return cleaned
 
 
 def leftover_lab_state(prefix: str) -> list[str]:
