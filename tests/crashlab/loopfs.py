@@ -91,8 +91,9 @@ class FsKind:
 # btrfs: commit=1 sets the transaction kthread interval; it commits a transaction
 # older than the interval, so up to ~2 intervals pass; wait 2.5 s.
 # The snapshot of an xfs image carries the original's UUID: mount with nouuid.
-# Snapshots of btrfs share the fsid of the mounted original; kernels >= 6.7 give
-# a single-device clone a temporary fsid (temp-fsid), older ones refuse it.
+# Snapshots of btrfs share the fsid of the mounted original; recent kernels give
+# a single-device clone a temporary fsid (temp-fsid), older ones may refuse it
+# (the trial then reports "unmountable" and fails loudly).
 FILESYSTEMS: dict[str, FsKind] = {
     "ext4": FsKind(
         name="ext4",
