@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from htmlgraph import atomic_ops, session_registry
 from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout, cleanup_orphaned_temp_files
@@ -1223,3 +1229,116 @@ def test_sigkill_at_random_instants_of_changes_is_repaired(tmp_path: Path) -> No
         assert {p.stem for p in reg.active_dir.iterdir()} == bystanders
         assert_consistent(reg)
     print(f"\n{rounds} kills, {repaired} left an index the next use rebuilt")
+
+
+# --------------------------------------------------------------------------
+# Properties (hypothesis)
+# --------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=120) | st.text(alphabet="a./\\\0:-_ é", max_size=8))
+def test_every_accepted_id_is_a_plain_file_name(candidate: str) -> None:
+    reg = SessionRegistry("/nonexistent-registry")
+    if session_registry._id_problem(candidate) is not None:
+        with pytest.raises(ValueError, match="unsafe instance id") as info:
+            reg.get_session_file_path(candidate)
+        assert repr(candidate)[:20] in str(info.value)
+        return
+    path = reg.get_session_file_path(candidate)
+    assert path.parent == reg.active_dir
+    with tempfile.TemporaryDirectory() as scratch:
+        # Creatable as is, and listed back under exactly that name.
+        for name in (path.name, f"{candidate}-20300101T000000000000Z-99.json"):
+            with open(os.path.join(scratch, name), "x", encoding="utf-8"):
+                pass
+        assert sorted(os.listdir(scratch)) == sorted(
+            [path.name, f"{candidate}-20300101T000000000000Z-99.json"]
+        )
+
+
+SIM_INSTANCES = 4
+SIM_SESSIONS = ["a", "b", "c"]
+
+
+class RegistryMachine(RuleBasedStateMachine):
+    """Register/heartbeat/archive from simulated hosts against a model.
+
+    Each simulated instance k is this process under host name ``sim-k`` (the
+    hostname seam), so instances hold sessions against each other and see
+    each other as "unknown" (another host): a taken session is a conflict.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scratch = tempfile.mkdtemp()
+        self.reg = SessionRegistry(Path(self.scratch) / "registry", durable=False)
+        self.saved = (session_registry._hostname, session_registry._instance_cache)
+        self.model: dict[int, str] = {}  # instance -> its session
+        self.ids: dict[int, str] = {}
+        self.archived = 0
+        self.quarantined = 0
+        for k in range(SIM_INSTANCES):
+            self.ids[k] = self._become(k)
+
+    def _become(self, k: int) -> str:
+        session_registry._hostname = lambda: f"sim-{k}"
+        session_registry._instance_cache = None
+        return self.reg.get_instance_id()
+
+    @rule(k=st.integers(0, SIM_INSTANCES - 1), session=st.sampled_from(SIM_SESSIONS))
+    def register(self, k: int, session: str) -> None:
+        self._become(k)
+        holder = next((j for j, s in self.model.items() if s == session), None)
+        if holder is not None and holder != k:
+            with pytest.raises(SessionConflictError):
+                self.reg.register_session(session)
+            return
+        assert self.reg.register_session(session) == self.ids[k]
+        if self.model.get(k, session) != session:
+            self.archived += 1
+        self.model[k] = session
+
+    @rule(k=st.integers(0, SIM_INSTANCES - 1), by=st.integers(0, SIM_INSTANCES - 1))
+    def heartbeat(self, k: int, by: int) -> None:
+        self._become(by)
+        assert self.reg.update_activity(self.ids[k]) is (k in self.model)
+
+    @rule(k=st.integers(0, SIM_INSTANCES - 1))
+    def archive(self, k: int) -> None:
+        assert self.reg.archive_session(self.ids[k]) is (k in self.model)
+        if self.model.pop(k, None) is not None:
+            self.archived += 1
+
+    @rule(content=st.sampled_from([b"", b"{", b"[]", b'{"format": 1}', None]))
+    def damage_index(self, content: bytes | None) -> None:
+        if content is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.reg.index_path.unlink()
+        elif self.reg.registry_dir.exists():
+            self.reg.index_path.write_bytes(content)
+
+    @rule(k=st.integers(0, SIM_INSTANCES - 1))
+    def damage_record(self, k: int) -> None:
+        if k in self.model:
+            self.reg.get_session_file_path(self.ids[k]).write_bytes(b"\0garbage")
+            del self.model[k]
+            self.quarantined += 1
+
+    @invariant()
+    def registry_matches_model(self) -> None:
+        expected = {s: self.ids[k] for k, s in self.model.items()}
+        assert {s: e["instance_id"] for s, e in self.reg.get_index().items()} == expected
+        listed = {r["instance_id"] for r in self.reg.get_current_sessions()}
+        assert listed == set(expected.values())
+        archive = _listing(self.reg.archive_dir)
+        assert len([n for n in archive if n.endswith(".json")]) == self.archived
+        assert len([n for n in archive if n.endswith(".corrupt")]) == self.quarantined
+
+    def teardown(self) -> None:
+        session_registry._hostname, session_registry._instance_cache = self.saved
+        shutil.rmtree(self.scratch)
+
+
+TestRegistryMachine = RegistryMachine.TestCase
+TestRegistryMachine.settings = settings(
+    max_examples=40, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
+)

@@ -604,10 +604,14 @@ class SessionRegistry:
         """Return the index: session id -> instance id, created, last activity.
 
         Read under the registry's shared lock, so it is one consistent state
-        (no change is half-applied while it is held). If the index is missing,
-        corrupt or out of step with ``active/``, it is rebuilt from the active
-        records under the exclusive lock, with a WARNING. Returns ``{}`` when
-        the registry does not exist (and creates nothing).
+        (no change is half-applied while it is held), and checked against the
+        active records read under the same lock: every entry names a valid
+        record of that session, and ``last_activity`` is the record's. If the
+        index is missing, corrupt, out of step with ``active/`` or disagrees
+        with a record (a corrupt record is quarantined), it is rebuilt from the
+        records under the exclusive lock, with a WARNING. Costs one read per
+        active record. Returns ``{}`` when the registry does not exist (and
+        creates nothing).
 
         Raises:
             LockTimeout: The registry lock was not acquired in time.
@@ -616,10 +620,13 @@ class SessionRegistry:
             return {}
         with self._shared():
             entries = self._try_load_index()
-        if entries is not None:
-            return entries
+            if entries is not None and self._agrees_with_records(entries):
+                return entries
         with self._exclusive():
-            return self._load_index_locked()
+            entries = self._load_index_locked()
+            if not self._agrees_with_records(entries):
+                entries = self._rebuild_locked("it disagrees with the active records")
+            return entries
 
     def find_session(self, session_id: str) -> SessionRecord | None:
         """Return the active record of the instance running ``session_id``, or None.
@@ -909,6 +916,23 @@ class SessionRegistry:
             {"format": FORMAT_VERSION, "sessions": sessions},
             durable=self.durable if durable is None else durable,
         )
+
+    def _agrees_with_records(self, entries: dict[str, IndexEntry]) -> bool:
+        """Check each entry against its record (lock held); sync ``last_activity``.
+
+        The index's ``last_activity`` may lag its record by one heartbeat after
+        a crash; the record's value is the true one, so it is copied over.
+        """
+        for session_id, entry in entries.items():
+            record = self._read_record_unlocked(entry["instance_id"])
+            if (
+                record is None
+                or record["session_id"] != session_id
+                or record["created"] != entry["created"]
+            ):
+                return False
+            entry["last_activity"] = record["last_activity"]
+        return True
 
     def _try_load_index(self) -> dict[str, IndexEntry] | None:
         """Return the index if it is valid and matches ``active/``; None otherwise."""
