@@ -860,6 +860,13 @@ CORRUPT_INDEXES = {
         b' "created": "2030-01-01T00:00:00+00:00", "last_activity": "2030-01-01T00:00:00+00:00"}}}'
     ),
     "deep": b"[" * 100000,
+    "two-sessions-one-instance": (
+        b'{"format": 1, "sessions": {'
+        b'"s1": {"instance_id": "i", "created": "2030-01-01T00:00:00+00:00",'
+        b' "last_activity": "2030-01-01T00:00:00+00:00"},'
+        b'"s2": {"instance_id": "i", "created": "2030-01-01T00:00:00+00:00",'
+        b' "last_activity": "2030-01-01T00:00:00+00:00"}}}'
+    ),
 }
 
 
@@ -921,6 +928,12 @@ CORRUPT_RECORDS = {
     "garbage": b"\x89PNG\r\n\x1a\n",
     "a-list": b"[]",
     "pid-string": None,  # a valid record with one wrong type, built below
+    "pid-zero": None,
+    "no-format": None,
+    "hostname-int": None,
+    "start-int": None,
+    "naive-time": None,
+    "repo-list": None,
     "wrong-instance": None,
     "unsafe-session": None,
 }
@@ -945,6 +958,18 @@ def _broken_record(kind: str) -> bytes:
         record["instance_id"] = "someone-else"
     elif kind == "unsafe-session":
         record["session_id"] = "../../etc"
+    elif kind == "pid-zero":
+        record["pid"] = 0
+    elif kind == "no-format":
+        del record["format"]
+    elif kind == "hostname-int":
+        record["hostname"] = 5
+    elif kind == "start-int":
+        record["process_start"] = 17
+    elif kind == "naive-time":
+        record["created"] = "2030-01-01T00:00:00"
+    elif kind == "repo-list":
+        record["repo"] = ["not", "an", "object"]
     return json.dumps(record).encode()
 
 
@@ -986,6 +1011,66 @@ def test_corrupt_record_found_by_rebuild_is_quarantined(
     assert any("out of step" in m for m in messages)
     (reg.active_dir / ".dotfile.json").unlink()
     assert_consistent(reg, allow_corrupt=True)
+
+
+def test_record_that_is_a_directory_is_quarantined(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg.register_session("s1")
+    (reg.active_dir / "odd.json").mkdir()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert len(reg.get_current_sessions()) == 1
+        assert set(reg.get_index()) == {"s1"}
+    assert any("is a directory" in m for m in warnings_of(caplog))
+    (quarantined,) = _listing(reg.archive_dir)
+    assert (reg.archive_dir / quarantined).is_dir()
+    assert quarantined.startswith("odd-")
+    assert_consistent(reg, allow_corrupt=True)
+
+
+def test_unsafe_file_names_in_active_are_quarantined(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg.register_session("s1")
+    for name in ("CON.json", "a:b.json", "trailing .json"):
+        (reg.active_dir / name).write_text("{}", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert set(reg.get_index()) == {"s1"}
+    assert sum("unsafe file name" in m for m in warnings_of(caplog)) == 3
+    assert len([n for n in _listing(reg.archive_dir) if n.endswith(".corrupt")]) == 3
+    assert_consistent(reg, allow_corrupt=True)
+
+
+def test_two_records_claiming_one_session_keep_the_newest(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.now(timezone.utc)
+    plant_record(reg, "old-1", "s1", hostname="far", pid=1, last_activity=now)
+    plant_record(reg, "new-1", "s1", hostname="far", pid=2, last_activity=now + timedelta(1))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert reg.get_index()["s1"]["instance_id"] == "new-1"
+    assert any("both claim session" in m for m in warnings_of(caplog))
+    (name,) = _listing(reg.archive_dir)
+    data = _load(reg.archive_dir / name)
+    assert (data["instance_id"], data["archive_reason"]) == ("old-1", "superseded")
+    assert_consistent(reg)
+
+
+def test_register_repairs_an_entry_that_disagrees_with_its_record(
+    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    plant_record(reg, "remote-1", "wanted", hostname="far", pid=1)
+    path = reg.get_session_file_path("remote-1")
+    record = _load(path)
+    record["session_id"] = "moved-on"  # behind the index's back
+    path.write_text(json.dumps(record), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        mine = reg.register_session("wanted")  # not a conflict: nobody holds it
+    assert any("disagrees" in m for m in warnings_of(caplog))
+    index = reg.get_index()
+    assert index["wanted"]["instance_id"] == mine
+    assert index["moved-on"]["instance_id"] == "remote-1"
+    assert_consistent(reg)
 
 
 # --------------------------------------------------------------------------
