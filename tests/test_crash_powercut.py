@@ -101,6 +101,13 @@ def _run_fs(stage: Stage, kind: FsKind, run: LabRun, lock: threading.Lock) -> No
     tally = Tally()
     try:
         fs = stage.make_fs(kind)
+        # Can a snapshot of this mounted filesystem be mounted at all here?
+        # (Older kernels refuse a btrfs clone whose fsid is already mounted.)
+        probe = stage.inspect(kind, fs.power_cut(), [], [])
+        if probe.mount_error is not None:
+            with lock:
+                run.skipped[kind.name] = f"cannot mount a snapshot: {probe.mount_error}"
+            return
         lab = PowerCutLab(fs)
         try:
             for point in run.points:
