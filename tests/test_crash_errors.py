@@ -150,6 +150,29 @@ def test_enospc_at_open_when_inodes_run_out(stage: Stage, how: str) -> None:
     assert snapshot(mnt) == before
 
 
+@pytest.mark.root
+def test_enospc_while_creating_missing_directories(stage: Stage) -> None:
+    """One inode left: the first missing directory is made, the second cannot be."""
+    mnt = _tmpfs(stage, "dirs", "size=4m,nr_inodes=16")
+    (mnt / "keep.txt").write_text(OLD, encoding="utf-8")
+    filled = 0
+    with raises_errno(errno.ENOSPC):
+        while True:
+            (mnt / f"filler{filled}").touch()
+            filled += 1
+    (mnt / "filler0").unlink()  # exactly one inode free again
+    target = mnt / "a" / "b" / "target.txt"
+    with raises_errno(errno.ENOSPC) as exc:
+        htmlgraph.atomic_write(target, "new")
+    check_oserror(exc.value, errno.ENOSPC, target, mnt / "a" / "b", mnt / "a")
+    temps = [p for p in mnt.rglob("*") if p.name.startswith(".tmp-")]
+    assert temps == []
+    assert (mnt / "keep.txt").read_text(encoding="utf-8") == OLD
+    # Not part of the contract either way: whether the call removes the one
+    # directory it did manage to create. Reported, not asserted.
+    print(f"directories left after a failed mkdir: {sorted(p.name for p in mnt.glob('a*'))}")
+
+
 def _enospc_mid_write(stage: Stage, how: str) -> tuple[Path, OSError]:
     mnt = _tmpfs(stage, "small", "size=1m")
     target = mnt / "target.txt"
