@@ -572,8 +572,8 @@ class SessionRegistry:
         Reads one atomically replaced file without taking the lock, so it
         never blocks and never sees a partial record; a record archived
         concurrently reads as None. A corrupt record is reported with a
-        WARNING and read as None (the next change to the registry quarantines
-        it into ``archive/``).
+        WARNING and read as None (:meth:`get_index`, :meth:`reap_stale` or a
+        change to that instance moves it into ``archive/`` as ``.corrupt``).
 
         Raises:
             ValueError: ``instance_id`` is unsafe as a file name.
@@ -589,7 +589,8 @@ class SessionRegistry:
         so it never blocks behind writers, never sees a partial record and
         skips records archived while it runs. Corrupt records are skipped with
         a WARNING. Each record is read whole, but the list is not one
-        snapshot: a change made while it runs may or may not be included.
+        snapshot: a change made while it runs may or may not be included
+        (:meth:`get_index` gives one consistent state).
         Returns ``[]`` when the registry does not exist (and creates nothing).
         """
         records = []
