@@ -1100,6 +1100,37 @@ def test_crash_after_archive_copy_leaves_instance_active(
     assert_consistent(reg)
 
 
+@pytest.mark.parametrize("windows", [True, False])
+def test_archive_retries_a_sharing_violation_on_windows_only(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch, windows: bool
+) -> None:
+    iid = reg.register_session("s1")
+    calls: list[Path] = []
+    real_unlink = os.unlink
+
+    def busy_twice(path: Path) -> None:
+        calls.append(path)
+        if len(calls) <= 2:
+            raise PermissionError(13, "The process cannot access the file", str(path))
+        real_unlink(path)
+
+    monkeypatch.setattr(session_registry, "_unlink", busy_twice)
+    monkeypatch.setattr(session_registry._platform, "IS_WINDOWS", windows)
+    if windows:
+        assert reg.archive_session(iid) is True
+        assert calls == [reg.get_session_file_path(iid)] * 3
+        assert reg.get_current_sessions() == []
+    else:
+        with pytest.raises(PermissionError):
+            reg.archive_session(iid)
+        assert len(calls) == 1
+        # Failed between the archive copy and the unlink: still active.
+        assert reg.read_session(iid) is not None
+        assert len(_listing(reg.archive_dir)) == 1
+    monkeypatch.undo()
+    assert_consistent(reg)
+
+
 def test_crash_before_index_update_is_repaired(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

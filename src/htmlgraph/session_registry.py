@@ -30,7 +30,8 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -176,8 +177,30 @@ def _random_token() -> str:
     return secrets.token_hex(8)
 
 
+_unlink: Callable[[Path], None] = os.unlink
+
+# Windows: while a lock-free reader has the record open for a moment,
+# DeleteFileW fails with a sharing violation (PermissionError), as a replace
+# does (see _platform.replace). Retry briefly there; on POSIX it is final.
+_WINDOWS_REMOVE_ATTEMPTS = 10
+_WINDOWS_REMOVE_MAX_DELAY = 0.1
+
+
 def _remove(path: Path) -> None:
-    os.unlink(path)
+    if not _platform.IS_WINDOWS:
+        _unlink(path)
+        return
+    delay = 0.001
+    for attempt in range(_WINDOWS_REMOVE_ATTEMPTS):
+        try:
+            _unlink(path)
+        except PermissionError:
+            if attempt == _WINDOWS_REMOVE_ATTEMPTS - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, _WINDOWS_REMOVE_MAX_DELAY)
+        else:
+            return
 
 
 # (pid, hostname, instance id) of the last computation; recomputed when the
