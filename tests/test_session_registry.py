@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from htmlgraph import atomic_ops, session_registry
+from htmlgraph import _platform, atomic_ops, session_registry
 from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout, cleanup_orphaned_temp_files
 from htmlgraph.session_registry import MAX_ID_BYTES, SessionConflictError, SessionRegistry
 
@@ -1115,7 +1115,7 @@ def test_archive_retries_a_sharing_violation_on_windows_only(
         real_unlink(path)
 
     monkeypatch.setattr(session_registry, "_unlink", busy_twice)
-    monkeypatch.setattr(session_registry._platform, "IS_WINDOWS", windows)
+    monkeypatch.setattr(_platform, "IS_WINDOWS", windows)
     if windows:
         assert reg.archive_session(iid) is True
         assert calls == [reg.get_session_file_path(iid)] * 3
