@@ -269,3 +269,20 @@ def test_audit_rejects_a_wrong_commit_order(tmp_path: Path, mutant: str) -> None
     assert calls, "nothing traced"
     with pytest.raises(AssertionError, match=MUTANT_FINDINGS[mutant]):
         audit(calls, target, [work], link=False)
+
+
+def test_write_through_a_symlink_syncs_the_resolved_directory(tmp_path: Path) -> None:
+    """The temp goes beside the real file, and *that* directory is fsynced (not the link's)."""
+    real_dir = tmp_path / "real"
+    link_dir = tmp_path / "links"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    real = real_dir / "target.txt"
+    real.write_text("old", encoding="utf-8")
+    link = link_dir / "target.txt"
+    link.symlink_to(real)
+    calls = trace(tmp_path, link, "htmlgraph.atomic_write(target, 'new')")
+    audit(calls, real, [real_dir], link=False)
+    assert link.is_symlink()
+    assert real.read_text(encoding="utf-8") == "new"
+    assert sorted(p.name for p in real_dir.iterdir()) == ["target.txt"]

@@ -221,6 +221,7 @@ class CopyReport:
         mount_error: mount failure output, if the snapshot would not mount.
         fsck_rc: exit status of the read-only checker.
         fsck_output: its output (kept for failure messages).
+        links: relative path -> symlink target, or None when it is not a link.
     """
 
     files: dict[str, bytes | None]
@@ -228,6 +229,7 @@ class CopyReport:
     mount_error: str | None
     fsck_rc: int
     fsck_output: str
+    links: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 class Stage:
@@ -393,11 +395,17 @@ class Stage:
         return dst
 
     def inspect(
-        self, kind: FsKind, snap: str, files: Sequence[str], dirs: Sequence[str]
+        self,
+        kind: FsKind,
+        snap: str,
+        files: Sequence[str],
+        dirs: Sequence[str],
+        links: Sequence[str] = (),
     ) -> CopyReport:
         """Mount a snapshot (journal replay), read paths, unmount, fsck read-only, delete it."""
         got: dict[str, bytes | None] = {}
         listings: dict[str, list[str] | None] = {}
+        link_targets: dict[str, str | None] = {}
         mount_error: str | None = None
         mnt = self.root / f"inspect-{Path(snap).name}"
         mnt.mkdir()
@@ -419,6 +427,11 @@ class Stage:
                             listings[rel] = sorted(os.listdir(mnt / rel))
                         except FileNotFoundError:
                             listings[rel] = None
+                    for rel in links:
+                        try:
+                            link_targets[rel] = os.readlink(mnt / rel)
+                        except OSError:  # gone, or no longer a link
+                            link_targets[rel] = None
                 finally:
                     self.umount(str(mnt))
         finally:
@@ -433,7 +446,7 @@ class Stage:
             check=False,
         )
         os.unlink(snap)
-        return CopyReport(got, listings, mount_error, proc.returncode, proc.stdout)
+        return CopyReport(got, listings, mount_error, proc.returncode, proc.stdout, link_targets)
 
 
 @dataclasses.dataclass

@@ -27,6 +27,8 @@ class Scenario:
         create_only: call with ``overwrite=False``.
         new_dirs: the target's directory (two levels) does not exist yet.
         streaming: write through ``AtomicFileWriter`` in chunks, not ``atomic_write``.
+        via_symlink: the call is given a symlink (in another directory) to the
+            target; the real file's directory is the one that must be synced.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Scenario:
     create_only: bool = False
     new_dirs: bool = False
     streaming: bool = False
+    via_symlink: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -46,6 +49,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("json-replace", "json", existing=True),
         Scenario("create-only", "bytes", existing=False, create_only=True),
         Scenario("new-dirs", "bytes", existing=False, new_dirs=True, streaming=True),
+        Scenario("via-symlink", "text", existing=True, via_symlink=True),
     )
 }
 

@@ -219,6 +219,13 @@ class PowerCutLab:
         if scenario.existing:
             _durable_file(mnt / target_rel, encoded(scenario, content(scenario, "old", trial)))
             _fsync_dir(mnt / dir_rel)
+        call_rel = target_rel
+        link_dir_rel = f"{base_rel}/link"
+        if scenario.via_symlink:
+            (mnt / link_dir_rel).mkdir()
+            call_rel = f"{link_dir_rel}/{TARGET_NAME}"
+            (mnt / call_rel).symlink_to(f"../d/{TARGET_NAME}")
+            _fsync_dir(mnt / link_dir_rel)
         _fsync_dir(base)
         _fsync_dir(mnt)
         self.fs.syncfs()
@@ -227,7 +234,7 @@ class PowerCutLab:
             "writer": writer,
             "scenario": scenario.name,
             "trial": trial,
-            "path": str(mnt / target_rel),
+            "path": str(mnt / call_rel),
         }
         snap = ""
         if point == "during":
@@ -261,7 +268,10 @@ class PowerCutLab:
         dirs = [dir_rel]
         if scenario.new_dirs:
             dirs += [base_rel, f"{base_rel}/a"]
-        report = self.fs.stage.inspect(self.fs.kind, snap, [target_rel], dirs)
+        links = [call_rel] if scenario.via_symlink else []
+        if scenario.via_symlink:
+            dirs.append(link_dir_rel)
+        report = self.fs.stage.inspect(self.fs.kind, snap, [target_rel], dirs, links)
         mid_call = point == "during"
         if report.mount_error is not None:
             return Outcome("unmountable", (), report.fsck_rc == 0, report.mount_error, mid_call)
@@ -270,12 +280,15 @@ class PowerCutLab:
             dir_rel: [TARGET_NAME],
             base_rel: ["a"],
             f"{base_rel}/a": ["b"],
+            link_dir_rel: [TARGET_NAME],
         }
         stray: list[str] = []
         for rel in dirs:
             listing = report.listings[rel]
             if listing is not None and listing != expected[rel]:
                 stray += [f"{rel}/{name}" for name in listing if name not in expected[rel]]
+        # Writing through a link must keep the link (DESIGN 2.6).
+        stray += [f"{rel} (no longer a symlink)" for rel in links if report.links[rel] is None]
         detail = ""
         if report.fsck_rc != 0:
             detail = report.fsck_output[-2000:]

@@ -64,6 +64,7 @@ def _bare_write(
     file_fsync: bool = False,
     dir_fsync: bool = False,
 ) -> None:
+    path = os.path.realpath(path)  # write through a symlink, as the library does
     directory = os.path.dirname(path)
     created: list[str] = []
     probe = directory
