@@ -358,6 +358,33 @@ def test_constructor_rejects_bad_arguments(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_first_change_creates_the_registry_directories_durably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    synced: list[str] = []
+    real = _platform.fsync_dir
+
+    def recording(path: str) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(_platform, "fsync_dir", recording)
+    reg = SessionRegistry(tmp_path / "a" / "b" / "registry", durable=durable)
+    reg.register_session("s1")
+    parents = [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
+    assert synced[:3] == (parents if durable else [])
+    assert_consistent(reg)
+
+
+def test_registry_path_that_is_a_file_raises(tmp_path: Path) -> None:
+    (tmp_path / "registry").write_text("a file", encoding="utf-8")
+    reg = SessionRegistry(tmp_path / "registry")
+    with pytest.raises(FileExistsError):
+        reg.register_session("s1")
+    assert (tmp_path / "registry").read_text(encoding="utf-8") == "a file"
+
+
 def test_get_session_file_path(reg: SessionRegistry) -> None:
     path = reg.get_session_file_path("host-1-abc")
     assert path == reg.active_dir / "host-1-abc.json"

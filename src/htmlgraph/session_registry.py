@@ -865,8 +865,34 @@ class SessionRegistry:
         # removes one after seeing it for a while).
         with self._locker_guard:
             if self._lock is None:
+                self._make_registry_dir()
                 self._lock = DirectoryLocker(self.lock_dir)
             return self._lock
+
+    def _make_registry_dir(self) -> None:
+        """Create the registry directory and missing parents, durably.
+
+        The writer makes the directories *it* creates durable (``active/``,
+        ``archive/``), but the registry directory itself would otherwise come
+        from the lock directory's plain ``mkdir``: a power cut could then take
+        the whole registry, durably written records included, with it.
+        """
+        missing = []
+        directory = self.registry_dir
+        while not directory.is_dir():
+            missing.append(directory)
+            if directory.parent == directory:
+                break
+            directory = directory.parent
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                if not directory.is_dir():
+                    raise
+                continue  # made concurrently; its maker syncs it
+            if self.durable:
+                _platform.fsync_dir(str(directory.parent))
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
