@@ -30,8 +30,7 @@ import os
 import re
 import secrets
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,7 +109,9 @@ class SessionRecord(TypedDict):
     ``process_start`` is ``_platform.process_start_token`` of the registering
     process (None where the OS gives none); with ``hostname`` and ``pid`` it
     lets :meth:`SessionRegistry.reap_stale` prove the process gone even after
-    its pid was reused.
+    its pid was reused. ``pid_namespace`` (Linux, else None) keeps containers
+    that share a host name from judging each other's pids; a record without
+    it reads as None.
     """
 
     format: int
@@ -119,6 +120,7 @@ class SessionRecord(TypedDict):
     hostname: str
     pid: int
     process_start: str | None
+    pid_namespace: str | None
     created: str
     last_activity: str
     repo: dict[str, object] | None
@@ -177,30 +179,10 @@ def _random_token() -> str:
     return secrets.token_hex(8)
 
 
-_unlink: Callable[[Path], None] = os.unlink
-
-# Windows: while a lock-free reader has the record open for a moment,
-# DeleteFileW fails with a sharing violation (PermissionError), as a replace
-# does (see _platform.replace). Retry briefly there; on POSIX it is final.
-_WINDOWS_REMOVE_ATTEMPTS = 10
-_WINDOWS_REMOVE_MAX_DELAY = 0.1
-
-
 def _remove(path: Path) -> None:
-    if not _platform.IS_WINDOWS:
-        _unlink(path)
-        return
-    delay = 0.001
-    for attempt in range(_WINDOWS_REMOVE_ATTEMPTS):
-        try:
-            _unlink(path)
-        except PermissionError:
-            if attempt == _WINDOWS_REMOVE_ATTEMPTS - 1:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, _WINDOWS_REMOVE_MAX_DELAY)
-        else:
-            return
+    # _platform.unlink retries briefly on Windows, where a lock-free reader
+    # holding the record open for a moment makes the delete fail.
+    _platform.unlink(str(path))
 
 
 # (pid, hostname, instance id) of the last computation; recomputed when the
@@ -360,6 +342,9 @@ def _validate_record(data: object, instance_id: str) -> SessionRecord:
         problems.append("pid")
     if not isinstance(data.get("process_start"), (str, type(None))):
         problems.append("process_start")
+    data.setdefault("pid_namespace", None)
+    if not isinstance(data["pid_namespace"], (str, type(None))):
+        problems.append("pid_namespace")
     for key in ("created", "last_activity"):
         if _parse_time(data.get(key)) is None:
             problems.append(key)
@@ -577,6 +562,7 @@ class SessionRegistry:
                 hostname=_hostname(),
                 pid=pid,
                 process_start=_own_start_token(pid),
+                pid_namespace=_platform.pid_namespace(),
                 created=created,
                 last_activity=_iso(now),
                 repo=repo_data,
@@ -829,17 +815,21 @@ class SessionRegistry:
     def process_state(self, record: Mapping[str, object]) -> ProcessState:
         """Say whether the process that wrote ``record`` still runs.
 
-        ``"gone"`` only on proof: the record names this host and its pid does
-        not exist, or exists with a different start token (reused pid).
-        ``"unknown"`` for another host (no way to ask it) or an unreadable
-        pid; ``"alive"`` otherwise. Read-only, no lock; the answer may be out
-        of date by the time it is used.
+        ``"gone"`` only on proof: the record names this host (and, on Linux,
+        this pid namespace) and its pid does not exist, is a zombie (killed,
+        not yet waited for), or exists with a different start token (reused
+        pid). ``"unknown"`` for another host or pid namespace (no way to ask
+        it) or an unreadable pid; ``"alive"`` otherwise. Read-only, no lock;
+        the answer may be out of date by the time it is used.
         """
         pid = record.get("pid")
         if record.get("hostname") != _hostname() or not _is_int(pid):
             return "unknown"
+        namespace, ours = record.get("pid_namespace"), _platform.pid_namespace()
+        if isinstance(namespace, str) and ours is not None and namespace != ours:
+            return "unknown"
         pid = cast(int, pid)
-        if not _platform.pid_exists(pid):
+        if not _platform.pid_exists(pid) or _platform.pid_is_zombie(pid):
             return "gone"
         recorded = record.get("process_start")
         if isinstance(recorded, str):
