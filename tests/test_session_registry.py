@@ -387,6 +387,32 @@ def test_registry_path_that_is_a_file_raises(tmp_path: Path) -> None:
     assert (tmp_path / "registry").read_text(encoding="utf-8") == "a file"
 
 
+def _register_from_pickle(reg: SessionRegistry, conn: Connection) -> None:
+    conn.send(reg.register_session("from-child"))
+    conn.close()
+
+
+def test_registry_pickles_to_another_process(reg: SessionRegistry) -> None:
+    reg.register_session("s1")  # the parent's locker exists now
+    clone = pickle.loads(pickle.dumps(reg))
+    assert (clone.registry_dir, clone.lock_timeout, clone.durable) == (
+        reg.registry_dir,
+        reg.lock_timeout,
+        reg.durable,
+    )
+    ctx: Any = mp.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_register_from_pickle, args=(reg, sender))
+    proc.start()
+    sender.close()
+    assert receiver.poll(JOIN_TIMEOUT)
+    child_id = receiver.recv()
+    proc.join(JOIN_TIMEOUT)
+    assert proc.exitcode == 0
+    assert reg.get_index()["from-child"]["instance_id"] == child_id != reg.get_instance_id()
+    assert_consistent(reg)
+
+
 def test_get_session_file_path(reg: SessionRegistry) -> None:
     path = reg.get_session_file_path("host-1-abc")
     assert path == reg.active_dir / "host-1-abc.json"

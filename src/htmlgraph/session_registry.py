@@ -455,6 +455,18 @@ class SessionRegistry:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.registry_dir)!r})"
 
+    def __getstate__(self) -> dict[str, object]:
+        # Picklable (to hand to a worker process): the locker stays behind,
+        # each process makes its own.
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        del state["_locker_guard"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._locker_guard = threading.Lock()
+
     # ------------------------------------------------------------------
     # Public API
     # ------------------------------------------------------------------
