@@ -963,6 +963,20 @@ class TestStaleMarkers:
         assert not orphan.exists()
         assert os.listdir(lock_dir) == []
 
+    def test_pending_file_of_a_dead_pid_goes_at_the_first_scan(self, lock_dir: Path) -> None:
+        # A one-shot locker (a CLI call) must clean up a killed publisher's
+        # pending file without waiting out the grace period.
+        lock_dir.mkdir()
+        orphan = lock_dir / f".lock-pending-{dead_pid()}-0123456789abcdef"
+        orphan.write_text("{}")
+        live = lock_dir / f".lock-pending-{os.getppid()}-0123456789abcdef"
+        live.write_text("{}")
+        locker = DirectoryLocker(lock_dir)
+        assert locker.acquire_exclusive_lock(timeout=0)
+        locker.release_lock()
+        assert not orphan.exists()
+        assert live.exists(), "a live publisher's pending file waits out the grace period"
+
 
 class TestDirectory:
     def test_deleted_while_held(self, lock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

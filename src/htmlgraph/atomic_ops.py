@@ -1563,11 +1563,20 @@ class DirectoryLocker:
         return shared, exclusive
 
     def _sweep_pending(self, pending: list[str]) -> None:
-        """Remove pending files that outlived their publisher (killed before rename)."""
+        """Remove pending files that outlived their publisher (killed before rename).
+
+        A pending file goes when the pid in its name is gone, or when this
+        instance has seen it for longer than a grace period. Either rule is
+        safe even when wrong (a pid reused, another host's publisher): a
+        publisher whose pending file vanishes fails its rename and publishes
+        again under a new name.
+        """
         now = _lock_clock()
         seen = {name: self._pending_seen.get(name, now) for name in pending}
         for name, first in list(seen.items()):
-            if now - first > _LOCK_PENDING_GRACE:
+            pid = _lock_name_pid(name, _LOCK_PENDING_PREFIX)
+            dead = pid is not None and pid != self.pid and not _lock_pid_exists(pid)
+            if dead or now - first > _LOCK_PENDING_GRACE:
                 with contextlib.suppress(OSError):
                     _lock_unlink(os.path.join(self._dir, name))
                     _lock_logger.warning("removed orphaned lock file %s", name)
