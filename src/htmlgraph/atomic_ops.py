@@ -1301,12 +1301,8 @@ class DirectoryLocker:
         Raises:
             LockTimeout: The lock was not acquired within ``timeout``.
         """
-        if not self.acquire_shared_lock(timeout):
-            raise LockTimeout(self.lock_dir, "shared", timeout)
-        try:
+        with self._held("shared", timeout):
             yield self
-        finally:
-            self.release_lock()
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float = 5.0) -> Iterator[DirectoryLocker]:
@@ -1321,10 +1317,15 @@ class DirectoryLocker:
         Raises:
             LockTimeout: The lock was not acquired within ``timeout``.
         """
-        if not self.acquire_exclusive_lock(timeout):
-            raise LockTimeout(self.lock_dir, "exclusive", timeout)
-        try:
+        with self._held("exclusive", timeout):
             yield self
+
+    @contextlib.contextmanager
+    def _held(self, mode: _LockMode, timeout: float) -> Iterator[None]:
+        if not self._acquire(mode, timeout):
+            raise LockTimeout(self.lock_dir, mode, timeout)
+        try:
+            yield
         finally:
             self.release_lock()
 

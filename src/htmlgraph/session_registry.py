@@ -709,13 +709,8 @@ class SessionRegistry:
         if not self._exists():
             return False
         with self._exclusive():
-            entries = self._load_index_locked()
-            before = dict(entries)
-            record = self._read_record_locked(instance_id, entries)
+            entries, record = self._active_record_locked(instance_id)
             if record is None:
-                _drop_instance(entries, instance_id)
-                if entries != before:
-                    self._write_index(entries)
                 return False
             updated = cast(SessionRecord, dict(record))
             updated["last_activity"] = _iso(_utcnow())
@@ -751,13 +746,8 @@ class SessionRegistry:
         if not self._exists():
             return False
         with self._exclusive():
-            entries = self._load_index_locked()
-            before = dict(entries)
-            record = self._read_record_locked(instance_id, entries)
+            entries, record = self._active_record_locked(instance_id)
             if record is None:
-                _drop_instance(entries, instance_id)
-                if entries != before:
-                    self._write_index(entries)
                 return False
             self._archive_locked(record, "archived", _utcnow())
             _drop_instance(entries, instance_id)
@@ -927,6 +917,23 @@ class SessionRegistry:
                 return None  # archived between the read and the check
             logger.warning("skipping corrupt session record %s: %s", path, exc)
             return None
+
+    def _active_record_locked(
+        self, instance_id: str
+    ) -> tuple[dict[str, IndexEntry], SessionRecord | None]:
+        """Load the index and ``instance_id``'s active record, under the exclusive lock.
+
+        Without an active record, index entries still naming the instance are
+        dropped and the index written back, so the two agree again.
+        """
+        entries = self._load_index_locked()
+        before = dict(entries)
+        record = self._read_record_locked(instance_id, entries)
+        if record is None:
+            _drop_instance(entries, instance_id)
+            if entries != before:
+                self._write_index(entries)
+        return entries, record
 
     def _read_record_locked(
         self, instance_id: str, entries: dict[str, IndexEntry]
