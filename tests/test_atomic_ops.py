@@ -1711,8 +1711,8 @@ class TestCleanupSafety:
         assert listing(tmp_path) == [fifo.name]
 
     def test_vanishing_before_unlink(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        pid = dead_pid()
-        names = [orphan_name(pid, f"f{i}") for i in range(4)]
+        # One dead pid per orphan: cleanup asks about each pid once.
+        names = [orphan_name(dead_pid(), f"f{i}") for i in range(4)]
         for name in names:
             (tmp_path / name).write_text("x", encoding="utf-8")
             age_file(tmp_path / name, 100)

@@ -796,7 +796,7 @@ def test_cleanup_rules(tmp_path: Path) -> None:
     result = run_cli("cleanup", "--age-hours", "1", str(tmp_path))
     assert result.returncode == 0
     assert b"removed 1" in result.stdout
-    assert b"WARNING: removed orphaned temp file" in result.stderr
+    assert b"WARNING: removed 1 orphaned temp file(s) from" in result.stderr
     assert listing(tmp_path) == sorted(p.name for p in (live, foreign, keep))
 
 

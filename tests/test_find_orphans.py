@@ -71,3 +71,24 @@ def test_find_is_lazy_and_tolerates_missing_dirs(tmp_path: Path) -> None:
     assert list(find_orphaned_temp_files(tmp_path / "file")) == []
     with pytest.raises(ValueError, match="age_hours"):
         list(find_orphaned_temp_files(tmp_path, age_hours=-1))
+
+
+def test_each_pid_is_asked_about_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from htmlgraph import _platform
+
+    dead = _dead_pid()
+    for i in range(5):
+        orphan = tmp_path / f".tmp-{dead}-{i:016x}-f"
+        orphan.write_text("x")
+        _old(orphan)
+    asked: list[int] = []
+    real = _platform.pid_exists
+
+    def spy(pid: int) -> bool:
+        asked.append(pid)
+        return real(pid)
+
+    monkeypatch.setattr(_platform, "pid_exists", spy)
+    assert cleanup_orphaned_temp_files(tmp_path, age_hours=1) == 5
+    assert asked == [dead]
+    assert os.listdir(tmp_path) == []

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, AnyStr, Generic, Literal, Union, cast, overload
@@ -106,6 +106,10 @@ _DIR_FSYNC_UNSUPPORTED = frozenset(
     e for e in (errno.EINVAL, getattr(errno, "ENOTSUP", None), errno.EOPNOTSUPP) if e is not None
 )
 _UNSET_MODE = -1
+# The file object's buffer: json.dump and other streaming writers emit many
+# small pieces, and this sets how many write() calls they become. Given
+# explicitly, it also spares open() its isatty ioctl and fstat.
+_BUFFER_SIZE = 128 * 1024
 
 
 def _check_path(path: object, what: str = "path") -> str:
@@ -294,30 +298,39 @@ class _Staged:
         staged = cls(target, directory, overwrite)
         if temp_parent is not None:
             staged._created_dirs = _make_dirs(directory)
-        staged._open_temp(temp_parent or directory, name)
+        # The mode the file must end with: permissions=, else the target's own;
+        # a new file gets 0o666 & ~umask from the kernel, as open() does.
+        mode = permissions if permissions is not None else existing_mode
+        staged._open_temp(temp_parent or directory, name, mode)
         try:
-            if permissions is not None:
-                _platform.chmod_fd(staged.fd, permissions)
-            elif existing_mode != _UNSET_MODE:
-                # Keep the target's mode (and, where we may, its owner). On the
-                # fd, never by name: pallets/click#3824 - chmod by path follows
-                # a symlink swapped in meanwhile.
-                _platform.chmod_fd(staged.fd, existing_mode)
-                _platform.keep_owner(staged.fd, *owner)
+            if mode != _UNSET_MODE:
+                # The umask may have removed bits from the mode we created the
+                # temp with; fix that on the fd, never by name (pallets/click#3824:
+                # chmod by path follows a symlink swapped in meanwhile).
+                _platform.ensure_mode(staged.fd, mode)
+            _platform.keep_owner(staged.fd, *owner)
         except BaseException:
             staged.discard()
             raise
         return staged
 
-    def _open_temp(self, parent: str, name: str) -> None:
-        """Open a new temp file in ``parent``, creating missing directories."""
+    def _open_temp(self, parent: str, name: str, mode: int) -> None:
+        """Open a new temp file in ``parent`` with ``mode``, creating missing directories.
+
+        ``mode`` is the file's final mode, or ``_UNSET_MODE`` for a new file:
+        then 0o666, to which the kernel applies the umask as open() does (no
+        racy os.umask() read, no mkstemp 0600, DESIGN 2.5). Creating the temp
+        with the final mode means it is never more open than the target, and
+        usually needs no fchmod (which, unlike the fstat that checks it,
+        dirties the inode in the journal).
+        """
+        if mode == _UNSET_MODE or _platform.IS_WINDOWS:
+            mode = 0o666  # Windows: a read-only bit would block the replace
         made_dirs = False
         for _ in range(_TEMP_ATTEMPTS):
             temp = os.path.join(parent, _temp_name(name))
             try:
-                # 0o666: the kernel applies the umask, as open() does; no racy
-                # os.umask() read, no mkstemp 0600 (DESIGN 2.5).
-                self.fd = os.open(temp, _O_TEMP, 0o666)
+                self.fd = os.open(temp, _O_TEMP, mode)
             except FileExistsError:
                 continue  # name collision (practically only when tests force it)
             except FileNotFoundError:
@@ -505,11 +518,14 @@ class AtomicFileWriter(Generic[AnyStr]):
         file: IO[bytes] | IO[str]
         try:
             if self.mode == "wb":
-                file = open(staged.fd, "wb", closefd=False)  # noqa: SIM115 - closed in commit
+                file = open(  # noqa: SIM115 - closed in commit/rollback
+                    staged.fd, "wb", buffering=_BUFFER_SIZE, closefd=False
+                )
             else:
                 file = open(  # noqa: SIM115 - closed in commit/rollback
                     staged.fd,
                     "w",
+                    buffering=_BUFFER_SIZE,
                     encoding=self.encoding,
                     errors=self.errors,
                     newline=self.newline,
@@ -659,30 +675,51 @@ class AtomicFileWriter(Generic[AnyStr]):
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _to_bytes(path: str, content: object, encoding: str) -> bytes | bytearray | memoryview:
-    if isinstance(content, str):
-        if os.linesep != "\n":
-            # Match open(path, "w"): "\n" becomes the platform's line separator.
-            content = content.replace("\n", os.linesep)
-        return content.encode(encoding)
+Chunk = bytes | bytearray | memoryview
+_ENCODE_SLICE = 1 << 20  # characters encoded at a time for large text
+
+
+def _to_chunks(path: str, content: object, encoding: str) -> Iterable[Chunk]:
+    """Return ``content`` as the bytes to write, checking its type first.
+
+    Text is encoded with ``encoding``, each newline becoming the platform's
+    line separator as with open(path, "w"). Small text is encoded here, before the
+    disk is touched; large text (over a million characters) is encoded in
+    slices while it is written, so that a 64 MiB str does not need a second
+    64 MiB buffer (the codec is still looked up here).
+    """
     if isinstance(content, (bytes, bytearray, memoryview)):
-        return content
-    raise TypeError(f"content for {path} must be str or bytes, not {type(content).__name__}")
+        return (content,)
+    if not isinstance(content, str):
+        raise TypeError(f"content for {path} must be str or bytes, not {type(content).__name__}")
+    if len(content) <= _ENCODE_SLICE:
+        if os.linesep != "\n":
+            content = content.replace("\n", os.linesep)
+        return (content.encode(encoding),)
+    return _encode_slices(content, codecs.getincrementalencoder(encoding)())
 
 
-def _write_bytes(
+def _encode_slices(text: str, encoder: codecs.IncrementalEncoder) -> Iterator[Chunk]:
+    for start in range(0, len(text), _ENCODE_SLICE):
+        piece = text[start : start + _ENCODE_SLICE]
+        yield encoder.encode(piece.replace("\n", os.linesep) if os.linesep != "\n" else piece)
+    yield encoder.encode("", True)
+
+
+def _write_chunks(
     path: str,
-    data: bytes | bytearray | memoryview,
+    chunks: Iterable[Chunk],
     *,
     durable: bool,
     overwrite: bool,
     permissions: int | None,
     temp_dir: str | None = None,
 ) -> None:
-    """Write ``data`` to ``path`` all-or-nothing (arguments already checked)."""
+    """Write ``chunks`` to ``path`` all-or-nothing (arguments already checked)."""
     staged = _Staged.create(path, temp_dir, overwrite=overwrite, permissions=permissions)
     try:
-        staged.write_all(data)
+        for chunk in chunks:
+            _write_all(staged.fd, chunk)
         staged.commit(durable=durable)
     except OSError as exc:
         _name_target(exc, staged.target)
@@ -718,10 +755,9 @@ def atomic_write(
     text_path = _check_target(path)
     temp_parent = None if temp_dir is None else _check_path(temp_dir, "temp_dir")
     _check_permissions(permissions)
-    data = _to_bytes(text_path, content, encoding)
-    _write_bytes(
+    _write_chunks(
         text_path,
-        data,
+        _to_chunks(text_path, content, encoding),
         durable=durable,
         overwrite=overwrite,
         permissions=permissions,
@@ -761,9 +797,10 @@ def atomic_json_write(
         raise TypeError(f"cannot write {text_path} as JSON: {exc}") from exc
     except ValueError as exc:
         raise ValueError(f"cannot write {text_path} as JSON: {exc}") from exc
-    _write_bytes(
+    data = text.encode("utf-8")  # a lone surrogate fails here, before the disk
+    _write_chunks(
         text_path,
-        (text + "\n").encode("utf-8"),
+        (data, b"\n"),
         durable=durable,
         overwrite=overwrite,
         permissions=permissions,
@@ -843,6 +880,7 @@ def find_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> Iter
         raise ValueError(f"age_hours must not be negative, not {age_hours!r}")
     cutoff = time.time() - age_hours * 3600.0
     me = _platform.current_pid()
+    alive: dict[int, bool] = {}  # a crashed writer often leaves many temps
     try:
         entries = os.scandir(directory)
     except (FileNotFoundError, NotADirectoryError):
@@ -864,7 +902,11 @@ def find_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> Iter
             # A write still running in a live process on this host keeps its
             # temp, however old (a slow 10 GB stream). A temp from another
             # host whose pid happens to be alive here is kept too: safe side.
-            if pid == me or _platform.pid_exists(pid):
+            if pid == me:
+                continue
+            if pid not in alive:
+                alive[pid] = _platform.pid_exists(pid)
+            if alive[pid]:
                 continue
             yield Path(entry.path)
 
@@ -878,7 +920,8 @@ def cleanup_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> i
     when their writer process is gone - the temp of a write still running in
     a live process is never removed. Files vanishing concurrently are
     skipped. Memory stays flat for any number of entries. Not recursive.
-    Safe to run while other processes write. Logs a WARNING per removed file.
+    Safe to run while other processes write. Logs one WARNING saying how
+    many files it removed (each one at DEBUG).
 
     Returns:
         The number of files removed (0 if ``base_dir`` does not exist).
@@ -890,7 +933,9 @@ def cleanup_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> i
         except FileNotFoundError:
             continue
         removed += 1
-        logger.warning("removed orphaned temp file %s", path)
+        logger.debug("removed orphaned temp file %s", path)
+    if removed:
+        logger.warning("removed %d orphaned temp file(s) from %s", removed, base_dir)
     return removed
 
 
@@ -945,6 +990,8 @@ _LOCK_PENDING_PREFIX = ".lock-pending-"
 # (Metcalfe & Boggs' Ethernet backoff; filelock's strict lock caps at 50 ms).
 _LOCK_BACKOFF_FIRST = 0.001
 _LOCK_BACKOFF_MAX = 0.05
+# The oldest waiting writer polls at most this many doubling steps (~4 ms).
+_LOCK_HEAD_STEP = 2
 
 # A marker whose record cannot be parsed is held for this long (by its mtime)
 # and then counts as stale. Our own markers are never unreadable (they appear
@@ -1387,6 +1434,11 @@ class DirectoryLocker:
                 # us), so a standing conflict backs off towards the cap and
                 # waiters do not stampede on every newcomer's brief marker.
                 step = 0 if not last_view <= self._view else step + 1
+                if self._claim is not None:
+                    # We are the oldest writer and keep our marker: nobody can
+                    # overtake us, and the holders' release is ours to catch
+                    # quickly; only those behind us back off towards the cap.
+                    step = min(step, _LOCK_HEAD_STEP)
                 last_view = self._view
                 delay = _lock_backoff(step)
                 if deadline is not None:
