@@ -782,6 +782,8 @@ def atomic_json_write(
     value that cannot be serialised (or NaN/Infinity, which JSON lacks)
     raises without creating anything. Written as UTF-8 with a trailing
     newline. Atomicity, durability and concurrency as :func:`atomic_write`.
+    For large documents ``indent=None`` serialises about 3x faster: CPython's
+    C encoder only runs without an indent.
 
     Raises:
         TypeError: ``data`` holds a value JSON cannot represent.
