@@ -40,22 +40,13 @@ def import_htmlgraph() -> ModuleType | None:
 
 @functools.cache
 def ours(name: str) -> Any:  # noqa: ANN401 - whatever the library exports, or None
-    """Return ``htmlgraph.atomic_ops.<name>`` or None when it does not exist (yet).
+    """Return ``htmlgraph.atomic_ops.<name>``, or None when it does not exist.
 
-    ``DirectoryLocker`` is also looked up in ``htmlgraph._locker``, where it
-    lived before it was merged into ``atomic_ops``. Cached: the write
-    contenders call this inside the timed region, and an uncached import
-    lookup would bill us a microsecond or two per call.
+    Cached: the write contenders call this inside the timed region, and an
+    uncached import lookup would bill us a microsecond or two per call.
     """
     mod = import_htmlgraph()
-    obj = getattr(mod, name, None) if mod is not None else None
-    if obj is None and name in ("DirectoryLocker", "LockTimeout"):
-        try:
-            locker = importlib.import_module("htmlgraph._locker")
-        except ImportError:
-            return None
-        obj = getattr(locker, name, None)
-    return obj
+    return getattr(mod, name, None) if mod is not None else None
 
 
 def htmlgraph_revision() -> str:
