@@ -8,8 +8,13 @@ This module is the one home of htmlgraph's file-safety API:
   - while the write runs, after a ``kill -9`` at any instant and, with
   ``durable=True`` (the default), after a power cut at any instant.
 * :func:`atomic_rename`, :func:`safe_temp_file`,
-  :func:`cleanup_orphaned_temp_files` and :func:`validate_atomic_write` are the
+  :func:`cleanup_orphaned_temp_files` (with its dry run
+  :func:`find_orphaned_temp_files`) and :func:`validate_atomic_write` are the
   helpers around it.
+* :class:`DirectoryLocker` is a reader/writer lock between processes made only
+  of marker files, for read-modify-write of shared files (second half of this
+  module; the protocol and its correctness argument are in
+  ``docs/locking.md``). :class:`LockTimeout` is its ``TimeoutError``.
 
 The commit order of a durable write (see ``docs/guarantees.md`` for why each
 step is there) is::
