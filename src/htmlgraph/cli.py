@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 from htmlgraph import __version__
 
@@ -760,15 +760,23 @@ def _cmd_sessions_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_T = TypeVar("_T")
+
+
+def _on_instance(args: argparse.Namespace, action: Callable[[str], _T]) -> _T:
+    """Run ``action(args.instance_id)``; an unsafe id is a usage error (exit 2)."""
+    try:
+        return action(args.instance_id)
+    except ValueError as exc:
+        raise _CommandError(f"invalid instance id: {exc}", EXIT_USAGE) from None
+
+
 def _cmd_sessions_show(args: argparse.Namespace) -> int:
     from htmlgraph.session_registry import SessionRegistry
 
     registry = SessionRegistry(args.registry)
     instance_id: str = args.instance_id
-    try:
-        entry = registry.read_session(instance_id)
-    except ValueError as exc:
-        raise _CommandError(f"invalid instance id: {exc}", EXIT_USAGE) from None
+    entry = _on_instance(args, registry.read_session)
     if entry is None:
         raise _CommandError(f"no such session instance: {instance_id}")
     if args.json:
@@ -787,10 +795,7 @@ def _cmd_sessions_archive(args: argparse.Namespace) -> int:
 
     registry = SessionRegistry(args.registry)
     instance_id: str = args.instance_id
-    try:
-        archived = registry.archive_session(instance_id)
-    except ValueError as exc:
-        raise _CommandError(f"invalid instance id: {exc}", EXIT_USAGE) from None
+    archived = _on_instance(args, registry.archive_session)
     if args.json:
         _print_json({"instance_id": instance_id, "archived": archived})
     elif archived:
