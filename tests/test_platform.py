@@ -217,9 +217,9 @@ def test_cached_pid_is_renewed_in_a_forked_child() -> None:
     assert _platform.current_pid() == os.getpid()
 
 
-def test_own_ids_are_cached_per_process() -> None:
-    assert _platform.own_ids() == (os.geteuid(), os.getegid())
-    assert _platform.own_ids() == _platform.own_ids()
+def test_process_facts_hold_our_pid_and_ids() -> None:
+    assert _platform.facts.pid == os.getpid()
+    assert _platform.facts.ids == (os.geteuid(), os.getegid())
 
 
 def test_hostname_is_stable() -> None:

@@ -1,10 +1,16 @@
-"""The write path's economies keep the promises: sliced text encoding, mode fixing."""
+"""The write path's economies keep the promises.
+
+Sliced text encoding, mode fixing, batched temp-name tokens.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import re
 import stat
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +119,47 @@ def test_lone_surrogate_in_json_fails_before_the_disk(tmp_path: Path) -> None:
     with pytest.raises(UnicodeEncodeError):
         atomic_json_write(tmp_path / "sub" / "d.json", {"k": "\ud800"})
     assert os.listdir(tmp_path) == []
+
+
+def test_temp_tokens_are_unique_hex_across_many_batches() -> None:
+    tokens = [atomic_ops._random_token() for _ in range(atomic_ops._TOKEN_BATCH * 300)]
+    assert len(set(tokens)) == len(tokens)
+    assert all(re.fullmatch(r"[0-9a-f]{16}", t) for t in tokens)
+    assert re.fullmatch(r"[0-9a-f]{32}", atomic_ops._random_token(16))
+
+
+def test_threads_never_share_a_temp_token() -> None:
+    drawn: list[list[str]] = [[] for _ in range(8)]
+    start = threading.Barrier(len(drawn))
+
+    def draw(out: list[str]) -> None:
+        start.wait()
+        out.extend(atomic_ops._random_token() for _ in range(5000))
+
+    threads = [threading.Thread(target=draw, args=(out,)) for out in drawn]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [t for out in drawn for t in out]
+    assert len(every) == 8 * 5000
+    assert len(set(every)) == len(every)
+
+
+def _draw_tokens(queue: multiprocessing.Queue[list[str]], n: int) -> None:
+    queue.put([atomic_ops._random_token() for _ in range(n)])
+
+
+def test_forked_child_does_not_inherit_unused_temp_tokens() -> None:
+    atomic_ops._random_token()  # the pool now holds unused tokens
+    left = len(atomic_ops._tokens)
+    assert left > 0
+    ctx = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[list[str]] = ctx.Queue()
+    child = ctx.Process(target=_draw_tokens, args=(queue, left))
+    child.start()
+    in_child = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    in_parent = [atomic_ops._random_token() for _ in range(left)]
+    assert not set(in_child) & set(in_parent), "the child reused the parent's pool"

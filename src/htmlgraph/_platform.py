@@ -27,6 +27,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 __all__ = [
@@ -34,21 +35,24 @@ __all__ = [
     "IS_WINDOWS",
     "current_pid",
     "ensure_mode",
+    "facts",
     "fsync_dir",
     "fsync_file",
     "hostname",
     "keep_owner",
-    "own_ids",
     "pid_exists",
     "pid_is_zombie",
     "pid_namespace",
     "process_start_token",
     "replace",
     "unlink",
+    "write_fsync",
+    "write_replace",
 ]
 
 IS_WINDOWS = sys.platform == "win32"
 IS_MACOS = sys.platform == "darwin"
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 # Windows: a replace that races an open handle on the target fails with
 # ERROR_ACCESS_DENIED (5) or ERROR_SHARING_VIOLATION (32) surfacing as
@@ -86,9 +90,12 @@ def fsync_dir(path: str) -> None:
     """
     if IS_WINDOWS:
         return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, _DIR_FLAGS)
     try:
-        fsync_file(fd)
+        if IS_MACOS:
+            fsync_file(fd)
+        else:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -116,30 +123,42 @@ def replace(src: str, dst: str) -> None:
             return
 
 
-# Per-process facts, cached because the write path asks for them every time
-# (each is a syscall) and forgotten in a forked child, which has its own pid.
+# The write path's two calls, bound once for the platform we run on. Where
+# the definitions above add nothing (fsync outside macOS, replace outside
+# Windows) they are the bare os functions: a small durable write is short
+# enough that a Python frame per call shows (docs/benchmarks.md). The
+# definitions stay what other platforms run and what tests simulate them with.
+write_fsync: Callable[[int], None] = fsync_file if IS_MACOS else os.fsync
+write_replace: Callable[[str, str], None] = replace if IS_WINDOWS else os.replace
+
+
+# Per-process facts the write path needs on every call (each is a syscall).
+# Read once at import and again in a forked child, which has its own pid;
+# hot paths read the attributes directly, without a function call.
 class _ProcessFacts:
-    pid: int | None = None
-    ids: tuple[int, int] | None = None
+    pid: int
+    # (euid, egid): the owner a new file gets; (-1, -1) on Windows, whose
+    # files have no POSIX owner. A process that changes its ids later gets
+    # one useless, suppressed fchown at worst.
+    ids: tuple[int, int]
+
+    def refresh(self) -> None:
+        self.pid = os.getpid()
+        if sys.platform == "win32":
+            self.ids = (-1, -1)
+        else:
+            self.ids = (os.geteuid(), os.getegid())
 
 
-_facts = _ProcessFacts()
-
-
-def _forget_after_fork() -> None:
-    _facts.pid = None
-    _facts.ids = None
-
-
+facts = _ProcessFacts()
+facts.refresh()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
+    os.register_at_fork(after_in_child=facts.refresh)
 
 
 def current_pid() -> int:
-    """Return ``os.getpid()``, cached until the next fork."""
-    if _facts.pid is None:
-        _facts.pid = os.getpid()
-    return _facts.pid
+    """Return ``os.getpid()``, cached (and renewed in a forked child)."""
+    return facts.pid
 
 
 @lru_cache(maxsize=1)
@@ -301,17 +320,6 @@ if sys.platform != "win32":
         if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
             os.fchmod(fd, mode)
 
-    def own_ids() -> tuple[int, int]:
-        """Return this process's (euid, egid): the owner a new file gets.
-
-        Cached (two syscalls saved on every write); a process that changes
-        its ids after writing gets one useless, suppressed ``fchown`` at
-        worst.
-        """
-        if _facts.ids is None:
-            _facts.ids = (os.geteuid(), os.getegid())
-        return _facts.ids
-
     def keep_owner(fd: int, uid: int, gid: int) -> None:
         """Best-effort: give the open file ``fd`` this owner and group.
 
@@ -378,10 +386,6 @@ if sys.platform == "win32":
 
     def keep_owner(fd: int, uid: int, gid: int) -> None:
         """No-op: Windows files have ACLs, not POSIX owners."""
-
-    def own_ids() -> tuple[int, int]:
-        """Return (-1, -1): Windows files have no POSIX owner to keep."""
-        return (-1, -1)
 
 else:
 

@@ -72,9 +72,18 @@ StrPath = Union[str, "os.PathLike[str]"]
 # Seams. Tests replace these through the module (monkeypatch.setattr(
 # atomic_ops, "_fsync", boom)); the code below always calls them by name.
 # --------------------------------------------------------------------------
-_fsync: Callable[[int], None] = _platform.fsync_file
+_fsync: Callable[[int], None] = _platform.write_fsync
 _fsync_dir: Callable[[str], None] = _platform.fsync_dir
-_replace: Callable[[str, str], None] = _platform.replace
+_replace: Callable[[str, str], None] = _platform.write_replace
+
+
+# Temp-name tokens, drawn from os.urandom 32 at a time: one getrandom call
+# per 32 writes instead of one per write. list.pop is atomic, so threads
+# never share a token; a forked child drops the parent's unused ones.
+_TOKEN_BATCH = 32
+_tokens: list[str] = []
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_tokens.clear)
 
 
 def _random_token(nbytes: int = 8) -> str:
@@ -83,7 +92,14 @@ def _random_token(nbytes: int = 8) -> str:
     Unpredictable (``os.urandom``), so another user cannot pre-create our
     temp names; ``O_EXCL`` makes a collision fail loudly anyway.
     """
-    return os.urandom(nbytes).hex()
+    if nbytes != 8:
+        return os.urandom(nbytes).hex()
+    try:
+        return _tokens.pop()
+    except IndexError:
+        batch = os.urandom(8 * _TOKEN_BATCH).hex()
+        _tokens.extend(batch[i : i + 16] for i in range(16, len(batch), 16))
+        return batch[:16]
 
 
 # Temp files are named ".tmp-{pid}-{token}-{target name}". The seed's cleanup
@@ -94,6 +110,7 @@ TEMP_PREFIX = ".tmp-"
 _TEMP_NAME = re.compile(r"\.tmp-([0-9]{1,10})-[0-9a-f]{16,32}(?:-|\Z)")
 _NAME_MAX = 255  # bytes; ext4, xfs, btrfs, tmpfs, NTFS (in UTF-16 units) and APFS
 _TEMP_ATTEMPTS = 100
+_SEPARATORS = (os.sep, os.altsep or os.sep)
 
 _O_TEMP = (
     os.O_WRONLY
@@ -110,7 +127,6 @@ _O_TEMP = (
 _DIR_FSYNC_UNSUPPORTED = frozenset(
     e for e in (errno.EINVAL, getattr(errno, "ENOTSUP", None), errno.EOPNOTSUPP) if e is not None
 )
-_UNSET_MODE = -1
 # The file object's buffer: json.dump and other streaming writers emit many
 # small pieces, and this sets how many write() calls they become. Given
 # explicitly, it also spares open() its isatty ioctl and fstat.
@@ -133,8 +149,10 @@ def _check_path(path: object, what: str = "path") -> str:
 
 def _check_target(path: object) -> str:
     """Check a write target: a valid path that names a file, not a directory."""
+    if type(path) is str and path and "\0" not in path and not path.endswith(_SEPARATORS):
+        return path  # the common case, without the frames below
     text = _check_path(path, "target path")
-    if text.endswith((os.sep, os.altsep or os.sep)):
+    if text.endswith(_SEPARATORS):
         raise IsADirectoryError(errno.EISDIR, "target path ends with a separator", text)
     return text
 
@@ -150,7 +168,7 @@ def _check_permissions(permissions: int | None) -> None:
 
 def _temp_name(target_name: str) -> str:
     """Return a fresh temp file name for ``target_name``, at most 255 bytes long."""
-    head = f"{TEMP_PREFIX}{_platform.current_pid()}-{_random_token()}-"
+    head = f"{TEMP_PREFIX}{_platform.facts.pid}-{_random_token()}-"
     room = _NAME_MAX - len(head)  # head is ASCII: characters are bytes
     if len(target_name) * 4 <= room:  # no UTF-8 character is longer than 4 bytes
         return head + target_name
@@ -232,128 +250,148 @@ def _name_target(exc: OSError, target: str) -> None:
         exc.filename = target
 
 
+def _resolve_unusual(target: str, st: os.stat_result) -> tuple[str, os.stat_result | None]:
+    """Handle a target that is not a regular file: follow a symlink, refuse a directory.
+
+    Returns the path to write and its ``lstat`` (None if it does not exist).
+    A symlink is written through: the temp goes beside the real file, so the
+    rename never crosses filesystems (DESIGN 2.6); a dangling link makes the
+    call create the file it names.
+    """
+    resolved: os.stat_result | None = st
+    if stat.S_ISLNK(st.st_mode):
+        link, target = target, os.path.realpath(target)
+        try:
+            resolved = os.lstat(target)
+        except FileNotFoundError:
+            resolved = None
+        if resolved is not None and stat.S_ISLNK(resolved.st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), link)
+    if resolved is not None and stat.S_ISDIR(resolved.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "target is a directory", target)
+    return target, resolved
+
+
 class _Staged:
     """One temp file in the making: the low-level state shared by every writer.
 
-    Lifecycle: :meth:`create` opens the temp (creating missing directories),
+    Lifecycle: creating it opens the temp (creating missing directories),
     :meth:`commit` makes it the target, :meth:`discard` removes it. ``discard``
     is idempotent and a no-op after a successful commit, so it is safe in any
     ``finally``.
+
+    This is every write's hot path, and its cost is what a small durable
+    write pays on top of the kernel's: the common case (the target is a
+    regular file or does not exist yet, its directory exists) runs straight
+    through with one ``lstat``, one ``open``, one ``fstat`` and few Python
+    calls. Anything unusual (a symlink, a directory, a missing directory,
+    another owner, a name collision) branches off to a helper.
     """
 
     __slots__ = (
-        "_created_dirs",
-        "_overwrite",
         "committed",
+        "created_dirs",
         "directory",
         "fd",
+        "overwrite",
         "target",
         "temp",
     )
 
-    def __init__(self, target: str, directory: str, overwrite: bool) -> None:
-        self.target = target
-        self.directory = directory
-        self._overwrite = overwrite
-        self._created_dirs: list[str] = []
-        self.fd = -1
-        self.temp = ""
-        self.committed = False
-
-    @classmethod
-    def create(
-        cls,
+    def __init__(
+        self,
         target_path: str,
         temp_parent: str | None,
         *,
         overwrite: bool,
         permissions: int | None,
-    ) -> _Staged:
+    ) -> None:
         """Resolve ``target_path``, check it, and open a fresh temp file for it.
 
         The arguments were checked by the caller (:func:`_check_path`,
         :func:`_check_permissions`).
         """
-        target = target_path if os.path.isabs(target_path) else os.path.abspath(target_path)
-        existing_mode = _UNSET_MODE
-        owner = (-1, -1)
+        target = target_path
+        if _platform.IS_WINDOWS or not target.startswith("/"):  # POSIX isabs, inline
+            target = os.path.abspath(target)
         try:
-            st = os.lstat(target)
+            st: os.stat_result | None = os.lstat(target)
         except FileNotFoundError:
             st = None
-        if st is not None and stat.S_ISLNK(st.st_mode):
-            # Write through the link: the temp goes beside the real file, so
-            # the rename never crosses filesystems (DESIGN 2.6).
-            link, target = target, os.path.realpath(target)
-            try:
-                st = os.lstat(target)
-            except FileNotFoundError:
-                st = None  # dangling link: the call creates the file it names
-            if st is not None and stat.S_ISLNK(st.st_mode):
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), link)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            target, st = _resolve_unusual(target, st)
+        # The mode the file must end with: permissions=, else the target's own;
+        # None for a new file, which gets 0o666 & ~umask from the kernel, as
+        # open() does (no racy os.umask() read, no mkstemp 0600, DESIGN 2.5).
+        mode = permissions
+        owner: tuple[int, int] | None = None
         if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "target is a directory", target)
             if not overwrite:
                 raise FileExistsError(errno.EEXIST, "target exists (overwrite=False)", target)
-            existing_mode = stat.S_IMODE(st.st_mode)
-            if (st.st_uid, st.st_gid) != _platform.own_ids():
+            if mode is None:
+                mode = stat.S_IMODE(st.st_mode)
+            if (st.st_uid, st.st_gid) != _platform.facts.ids:
                 owner = (st.st_uid, st.st_gid)
-        directory, name = os.path.split(target)
-        staged = cls(target, directory, overwrite)
-        if temp_parent is not None:
-            staged._created_dirs = _make_dirs(directory)
-        # The mode the file must end with: permissions=, else the target's own;
-        # a new file gets 0o666 & ~umask from the kernel, as open() does.
-        mode = permissions if permissions is not None else existing_mode
-        staged._open_temp(temp_parent or directory, name, mode)
+        self.target = target
+        self.directory, name = os.path.split(target)
+        self.overwrite = overwrite
+        self.committed = False
+        self.created_dirs = [] if temp_parent is None else _make_dirs(self.directory)
+        self.fd = -1
+        self.temp = ""
+        parent = temp_parent or self.directory
+        prefix = parent if parent.endswith(_SEPARATORS) else parent + os.sep
+        # Created with its final mode, the temp is never more open than the
+        # target and usually needs no fchmod (which, unlike the fstat that
+        # checks it, dirties the inode in the journal). Windows: 0o666, since
+        # a read-only bit would block the replace.
+        create_mode = 0o666 if mode is None or _platform.IS_WINDOWS else mode
+        temp = prefix + _temp_name(name)
         try:
-            if mode != _UNSET_MODE:
+            self.fd = os.open(temp, _O_TEMP, create_mode)
+        except (FileExistsError, FileNotFoundError):
+            temp = self._open_temp_again(parent, prefix, name, create_mode)
+        self.temp = temp
+        if mode is None and owner is None:
+            return
+        try:
+            if mode is not None:
                 # The umask may have removed bits from the mode we created the
                 # temp with; fix that on the fd, never by name (pallets/click#3824:
                 # chmod by path follows a symlink swapped in meanwhile).
-                _platform.ensure_mode(staged.fd, mode)
-            _platform.keep_owner(staged.fd, *owner)
+                _platform.ensure_mode(self.fd, mode)
+            if owner is not None:
+                _platform.keep_owner(self.fd, *owner)
         except BaseException:
-            staged.discard()
+            self.discard()
             raise
-        return staged
 
-    def _open_temp(self, parent: str, name: str, mode: int) -> None:
-        """Open a new temp file in ``parent`` with ``mode``, creating missing directories.
+    def _open_temp_again(self, parent: str, prefix: str, name: str, mode: int) -> str:
+        """Open a temp file in ``parent`` after the first attempt failed; return its path.
 
-        ``mode`` is the file's final mode, or ``_UNSET_MODE`` for a new file:
-        then 0o666, to which the kernel applies the umask as open() does (no
-        racy os.umask() read, no mkstemp 0600, DESIGN 2.5). Creating the temp
-        with the final mode means it is never more open than the target, and
-        usually needs no fchmod (which, unlike the fstat that checks it,
-        dirties the inode in the journal).
+        ``prefix`` is ``parent`` ending with a separator. A name collision
+        (``FileExistsError``; practically only when tests force it) draws
+        another name. A missing directory (``FileNotFoundError``) is looked
+        for only now, off the hot path: the missing directories are created
+        once and the open retried.
         """
-        if mode == _UNSET_MODE or _platform.IS_WINDOWS:
-            mode = 0o666  # Windows: a read-only bit would block the replace
         made_dirs = False
         for _ in range(_TEMP_ATTEMPTS):
-            temp = os.path.join(parent, _temp_name(name))
+            temp = prefix + _temp_name(name)
             try:
                 self.fd = os.open(temp, _O_TEMP, mode)
             except FileExistsError:
-                continue  # name collision (practically only when tests force it)
+                continue
             except FileNotFoundError:
-                # Only now, off the hot path, look for missing directories.
                 if made_dirs:
                     raise
                 made_dirs = True
-                self._created_dirs = _make_dirs(parent)
+                self.created_dirs = _make_dirs(parent)
                 continue
-            self.temp = temp
-            return
+            return temp
         raise FileExistsError(
             errno.EEXIST, f"no free temp name after {_TEMP_ATTEMPTS} attempts", parent
         )
-
-    def write_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Write every byte of ``data`` to the temp file."""
-        _write_all(self.fd, data)
 
     def commit(self, *, durable: bool) -> None:
         """Make the temp file the target: fsync, close, rename, fsync directory.
@@ -361,14 +399,15 @@ class _Staged:
         Args:
             durable: Sync the data before the rename and the directory after.
         """
-        fd, self.fd = self.fd, -1
+        fd = self.fd
+        self.fd = -1
         try:
             if durable:
                 # A failed fsync is final: never retried, never committed.
                 _fsync(fd)
         finally:
             os.close(fd)
-        if self._overwrite:
+        if self.overwrite:
             _replace(self.temp, self.target)
             self.committed = True
         else:
@@ -381,7 +420,10 @@ class _Staged:
             except OSError as exc:  # the target is in place; the extra name is an orphan
                 logger.warning("could not remove temp link %s: %s", self.temp, exc)
         if durable:
-            _sync_created_dirs(self.directory, self._created_dirs)
+            if self.created_dirs:
+                _sync_created_dirs(self.directory, self.created_dirs)
+            else:
+                _sync_dir(self.directory)
 
     def discard(self) -> None:
         """Close and remove the temp file; idempotent, a no-op after commit."""
@@ -475,13 +517,12 @@ class AtomicFileWriter(Generic[AnyStr]):
         target = _check_target(target_path)
         if mode not in ("w", "wb"):
             raise ValueError(f"mode must be 'w' or 'wb', not {mode!r} (writing {target})")
-        if mode == "wb" and (encoding, errors, newline) != (None, None, None):
+        if mode == "wb" and (encoding is not None or errors is not None or newline is not None):
             raise ValueError(f"binary mode takes no encoding, errors or newline ({target})")
         self._temp_dir = None if temp_dir is None else _check_path(temp_dir, "temp_dir")
-        _check_permissions(permissions)
+        if permissions is not None:
+            _check_permissions(permissions)
         self._target = target
-        self.target_path = Path(target)
-        self.temp_dir = None if temp_dir is None else Path(temp_dir)
         self.mode = mode
         self.encoding = encoding if encoding is not None or mode == "wb" else "utf-8"
         self.errors = errors
@@ -492,6 +533,16 @@ class AtomicFileWriter(Generic[AnyStr]):
         self._staged: _Staged | None = None
         self._file: IO[AnyStr] | None = None
         self._used = False
+
+    @property
+    def target_path(self) -> Path:
+        """The file this writer replaces or creates, as given."""
+        return Path(self._target)
+
+    @property
+    def temp_dir(self) -> Path | None:
+        """Where the temp file is staged if not beside the target, as given."""
+        return None if self._temp_dir is None else Path(self._temp_dir)
 
     @property
     def temp_path(self) -> Path | None:
@@ -512,9 +563,9 @@ class AtomicFileWriter(Generic[AnyStr]):
             RuntimeError: This writer was already used.
         """
         if self._used:
-            raise RuntimeError(f"AtomicFileWriter for {self.target_path} was already used")
+            raise RuntimeError(f"AtomicFileWriter for {self._target} was already used")
         self._used = True
-        staged = _Staged.create(
+        staged = _Staged(
             self._target,
             self._temp_dir,
             overwrite=self.overwrite,
@@ -553,7 +604,7 @@ class AtomicFileWriter(Generic[AnyStr]):
         """
         staged, file = self._staged, self._file
         if staged is None or file is None:
-            raise RuntimeError(f"AtomicFileWriter for {self.target_path} is not open")
+            raise RuntimeError(f"AtomicFileWriter for {self._target} is not open")
         self._file = self._staged = None
         try:
             file.close()  # flushes Python's buffer into the fd (closefd=False)
@@ -562,7 +613,8 @@ class AtomicFileWriter(Generic[AnyStr]):
             _name_target(exc, staged.target)
             raise
         finally:
-            staged.discard()  # no-op after a successful commit
+            if not staged.committed:
+                staged.discard()
 
     def rollback(self) -> None:
         """Discard the temp file; the target is untouched. Idempotent; no-op after commit."""
@@ -589,7 +641,7 @@ class AtomicFileWriter(Generic[AnyStr]):
             self.rollback()
 
     def __repr__(self) -> str:
-        return f"AtomicFileWriter({str(self.target_path)!r}, mode={self.mode!r})"
+        return f"AtomicFileWriter({self._target!r}, mode={self.mode!r})"
 
     # -- the seed's static API ------------------------------------------------
 
@@ -721,7 +773,7 @@ def _write_chunks(
     temp_dir: str | None = None,
 ) -> None:
     """Write ``chunks`` to ``path`` all-or-nothing (arguments already checked)."""
-    staged = _Staged.create(path, temp_dir, overwrite=overwrite, permissions=permissions)
+    staged = _Staged(path, temp_dir, overwrite=overwrite, permissions=permissions)
     try:
         for chunk in chunks:
             _write_all(staged.fd, chunk)
@@ -730,7 +782,8 @@ def _write_chunks(
         _name_target(exc, staged.target)
         raise
     finally:
-        staged.discard()
+        if not staged.committed:
+            staged.discard()
 
 
 def atomic_write(
@@ -759,10 +812,11 @@ def atomic_write(
     """
     text_path = _check_target(path)
     temp_parent = None if temp_dir is None else _check_path(temp_dir, "temp_dir")
-    _check_permissions(permissions)
+    if permissions is not None:
+        _check_permissions(permissions)
     _write_chunks(
         text_path,
-        _to_chunks(text_path, content, encoding),
+        (content,) if type(content) is bytes else _to_chunks(text_path, content, encoding),
         durable=durable,
         overwrite=overwrite,
         permissions=permissions,
