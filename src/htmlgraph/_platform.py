@@ -24,7 +24,6 @@ import errno
 import os
 import random
 import socket
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +33,6 @@ __all__ = [
     "IS_MACOS",
     "IS_WINDOWS",
     "current_pid",
-    "ensure_mode",
     "facts",
     "fsync_dir",
     "fsync_file",
@@ -45,6 +43,7 @@ __all__ = [
     "pid_namespace",
     "process_start_token",
     "replace",
+    "set_mode",
     "unlink",
     "write_fsync",
     "write_replace",
@@ -310,15 +309,9 @@ if sys.platform != "win32":
             raise
         return True
 
-    def ensure_mode(fd: int, mode: int) -> None:
-        """Give the open file ``fd`` exactly ``mode``; ``fchmod`` only if it differs.
-
-        ``fstat`` is cheaper than ``fchmod``, which dirties the inode (a
-        journal write on ext4), and a temp created with the wanted mode
-        usually already has it unless the umask removed bits.
-        """
-        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-            os.fchmod(fd, mode)
+    def set_mode(fd: int, mode: int) -> None:
+        """Give the open file ``fd`` exactly ``mode`` (``fchmod``)."""
+        os.fchmod(fd, mode)
 
     def keep_owner(fd: int, uid: int, gid: int) -> None:
         """Best-effort: give the open file ``fd`` this owner and group.
@@ -381,7 +374,7 @@ if sys.platform == "win32":
     def _full_fsync(fd: int) -> bool:
         return False
 
-    def ensure_mode(fd: int, mode: int) -> None:
+    def set_mode(fd: int, mode: int) -> None:
         """No-op: Windows keeps only a read-only flag, which a new temp never has."""
 
     def keep_owner(fd: int, uid: int, gid: int) -> None:

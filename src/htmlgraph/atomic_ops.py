@@ -332,19 +332,29 @@ class _Staged:
                 mode = stat.S_IMODE(st.st_mode)
             if (st.st_uid, st.st_gid) != _platform.facts.ids:
                 owner = (st.st_uid, st.st_gid)
+        if _platform.IS_WINDOWS:
+            directory, name = os.path.split(target)
+            prefix = os.path.join(directory, "")
+        else:  # os.path.split, inline; prefix is the directory with its "/"
+            cut = target.rfind("/") + 1
+            prefix, name = target[:cut], target[cut:]
+            directory = prefix.rstrip("/") or "/"
         self.target = target
-        self.directory, name = os.path.split(target)
+        self.directory = directory
         self.overwrite = overwrite
         self.committed = False
-        self.created_dirs = [] if temp_parent is None else _make_dirs(self.directory)
         self.fd = -1
         self.temp = ""
-        parent = temp_parent or self.directory
-        prefix = parent if parent.endswith(_SEPARATORS) else parent + os.sep
+        if temp_parent is None:
+            self.created_dirs: list[str] = []
+            parent = directory
+        else:
+            self.created_dirs = _make_dirs(directory)
+            parent = temp_parent
+            prefix = os.path.join(temp_parent, "")
         # Created with its final mode, the temp is never more open than the
-        # target and usually needs no fchmod (which, unlike the fstat that
-        # checks it, dirties the inode in the journal). Windows: 0o666, since
-        # a read-only bit would block the replace.
+        # target and usually needs no fchmod. Windows: 0o666, since a
+        # read-only bit would block the replace.
         create_mode = 0o666 if mode is None or _platform.IS_WINDOWS else mode
         temp = prefix + _temp_name(name)
         try:
@@ -355,11 +365,13 @@ class _Staged:
         if mode is None and owner is None:
             return
         try:
-            if mode is not None:
-                # The umask may have removed bits from the mode we created the
-                # temp with; fix that on the fd, never by name (pallets/click#3824:
-                # chmod by path follows a symlink swapped in meanwhile).
-                _platform.ensure_mode(self.fd, mode)
+            # The umask may have removed bits from the mode we created the temp
+            # with. fstat is cheaper than fchmod, which dirties the inode (a
+            # journal write on ext4), and usually shows nothing to fix. Fixed
+            # on the fd, never by name (pallets/click#3824: chmod by path
+            # follows a symlink swapped in meanwhile).
+            if mode is not None and stat.S_IMODE(os.fstat(self.fd).st_mode) != mode:
+                _platform.set_mode(self.fd, mode)
             if owner is not None:
                 _platform.keep_owner(self.fd, *owner)
         except BaseException:
