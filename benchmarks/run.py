@@ -35,6 +35,7 @@ from benchmarks.writes import CaseResult, bench_json, bench_reads, bench_sizes
 SECTIONS = ("writes", "json", "reads", "locks", "throughput", "cleanup")
 OURS_D = "htmlgraph atomic_write"
 OURS_F = "htmlgraph atomic_write(durable=False)"
+OURS_W = "htmlgraph AtomicFileWriter"
 
 
 class Log:
@@ -67,6 +68,45 @@ def evaluate_targets(
         vals2 = [(v, t) for v, t in vals if v is not None]
         return max(vals2) if vals2 else None
 
+    def ci(name: str, other: str, title: str) -> str:
+        case = next(c for c in cases if c.title == title)
+        bounds = case.ratio_ci(name, other)
+        return f", 95% CI {bounds[0]:.2f}-{bounds[1]:.2f}" if bounds else ""
+
+    def versus(mine: str, peers: list[str], strict: bool) -> tuple[list[str], list[str]]:
+        """Cells where ``mine`` is not faster than a peer: (clear losses, ties).
+
+        A tie is a cell whose 95 % interval of the ratio contains 1.0: the run
+        cannot tell which is faster. Either way the target is not met there.
+        """
+        losses, ties = [], []
+        for c in cases:
+            for p in peers:
+                r = c.ratio(mine, p)
+                if r is None or (r < 1 if strict else r <= 1):
+                    continue
+                bounds = c.ratio_ci(mine, p)
+                text = f"{p} in {c.title} ({fmt_ratio(r)}"
+                if bounds is not None and bounds[0] <= 1:
+                    ties.append(f"{text}, 95% CI {bounds[0]:.2f}-{bounds[1]:.2f})")
+                else:
+                    losses.append(text + ")")
+        return losses, ties
+
+    def peer_row(
+        target: str, peers: list[str], losses: list[str], ties: list[str], ok_text: str
+    ) -> list[str]:
+        if not cases or not peers:
+            return [target, "no peer measured (needs strace labels)", _verdict(None)]
+        if not losses and not ties:
+            return [target, ok_text, _verdict(True)]
+        parts = []
+        if losses:
+            parts.append("slower: " + "; ".join(losses))
+        if ties:
+            parts.append("not faster, within noise: " + "; ".join(ties))
+        return [target, " / ".join(parts), "NOT MET" + ("" if losses else " (tie)")]
+
     aa = [
         abs(r - 1)
         for c in cases
@@ -88,51 +128,52 @@ def evaluate_targets(
     rows.append(
         [
             "durable write <= 1.10x floor-durable (every size, text and bytes)",
-            f"worst {fmt_ratio(w[0])} ({w[1]})" if w else "-",
+            f"worst {fmt_ratio(w[0])} ({w[1]}{ci(OURS_D, 'floor-durable', w[1])})" if w else "-",
             _verdict(w[0] <= 1.10 if w else None),
         ]
     )
+    w = worst(OURS_W, "floor-durable", cases)
+    if w:
+        rows.append(
+            [
+                "(info) AtomicFileWriter (durable) vs floor-durable",
+                f"worst {fmt_ratio(w[0])} ({w[1]}{ci(OURS_W, 'floor-durable', w[1])})",
+                "info",
+            ]
+        )
     durable_peers = [n for n, t in traces.items() if t.durable and _is_peer(n)]
-    losses = []
-    for c in cases:
-        mine = c.median(OURS_D)
-        for p in durable_peers:
-            theirs = c.median(p)
-            if mine is not None and theirs is not None and mine >= theirs:
-                losses.append(f"{p} in {c.title} ({fmt_ratio(mine / theirs)})")
+    losses, ties = versus(OURS_D, durable_peers, strict=True)
     rows.append(
-        [
+        peer_row(
             "durable write faster than every peer with file+dir fsync ("
             + (", ".join(durable_peers) or "none")
             + ")",
-            "; ".join(losses) or "faster in every case",
-            _verdict(not losses if cases and durable_peers else None),
-        ]
+            durable_peers,
+            losses,
+            ties,
+            "faster in every case",
+        )
     )
     w = worst(OURS_F, "floor-fast", cases)
     rows.append(
         [
             "durable=False write <= 1.25x floor-fast",
-            f"worst {fmt_ratio(w[0])} ({w[1]})" if w else "-",
+            f"worst {fmt_ratio(w[0])} ({w[1]}{ci(OURS_F, 'floor-fast', w[1])})" if w else "-",
             _verdict(w[0] <= 1.25 if w else None),
         ]
     )
     weak_peers = [n for n, t in traces.items() if not t.durable and _is_peer(n)]
-    losses = []
-    for c in cases:
-        mine = c.median(OURS_F)
-        for p in weak_peers:
-            theirs = c.median(p)
-            if mine is not None and theirs is not None and mine > theirs:
-                losses.append(f"{p} in {c.title} ({fmt_ratio(mine / theirs)})")
+    losses, ties = versus(OURS_F, weak_peers, strict=False)
     rows.append(
-        [
+        peer_row(
             "durable=False write no slower than any non-durable peer ("
             + ", ".join(weak_peers)
             + ")",
-            "; ".join(losses) or "no slower in any case",
-            _verdict(not losses if cases else None),
-        ]
+            weak_peers,
+            losses,
+            ties,
+            "no slower in any case",
+        )
     )
     big = [c for c in cases if c.title.startswith(("Write 1 MiB", "Write 64 MiB"))]
     wd = worst(OURS_D, "floor-durable", big)
@@ -140,7 +181,12 @@ def evaluate_targets(
     rows.append(
         [
             ">= 1 MiB: overhead over the floor < 5 % (durable and fast)",
-            (f"worst durable {fmt_ratio(wd[0])}, fast {fmt_ratio(wf[0])}" if wd and wf else "-"),
+            (
+                f"worst durable {fmt_ratio(wd[0])} ({wd[1]}{ci(OURS_D, 'floor-durable', wd[1])}), "
+                f"fast {fmt_ratio(wf[0])} ({wf[1]}{ci(OURS_F, 'floor-fast', wf[1])})"
+                if wd and wf
+                else "-"
+            ),
             _verdict(wd[0] < 1.05 and wf[0] < 1.05 if wd and wf else None),
         ]
     )

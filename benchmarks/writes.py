@@ -10,7 +10,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks._common import Op, Series, fmt_ratio, fmt_time, md_table, ours, round_robin
+from benchmarks._common import (
+    Op,
+    Series,
+    SlotOp,
+    fmt_ratio,
+    fmt_time,
+    md_table,
+    median_ratio_ci,
+    ours,
+    round_robin,
+    round_robin_slots,
+)
 from benchmarks._writers import JSON_WRITERS, WRITERS, Payload
 from benchmarks.strace_peers import Trace
 
@@ -21,13 +32,15 @@ SIZES: list[tuple[str, int]] = [
     ("64 MiB", 64 << 20),
 ]
 
-# Repetitions per size: (full run, --quick). Small writes are dominated by
-# the two fsyncs (~1 ms here) and are noisy, so they get many samples.
+# Repetitions per size: (full run, --quick). A small write takes about a
+# millisecond, so many samples are cheap, and they are what narrows the
+# confidence interval of a ratio to a percent or so; 64 MiB writes take
+# ~0.2 s each and vary less in relative terms.
 REPS: dict[int, tuple[int, int]] = {
-    100: (400, 40),
-    4 << 10: (400, 40),
-    1 << 20: (60, 8),
-    64 << 20: (6, 2),
+    100: (2000, 40),
+    4 << 10: (2000, 40),
+    1 << 20: (600, 8),
+    64 << 20: (40, 2),
 }
 
 
@@ -54,6 +67,20 @@ class CaseResult:
             if r.name == name:
                 return r.series.median
         return None
+
+    def samples(self, name: str) -> list[float] | None:
+        """The timings of contender ``name``, or None if it did not run."""
+        for r in self.rows:
+            if r.name == name:
+                return r.series.samples
+        return None
+
+    def ratio_ci(self, name: str, other: str) -> tuple[float, float] | None:
+        """95 % bootstrap interval of ``median(name) / median(other)``."""
+        a, b = self.samples(name), self.samples(other)
+        if not a or not b:
+            return None
+        return median_ratio_ci(a, b)
 
     def ratio(self, name: str, floor: str) -> float | None:
         """``median(name) / median(floor)``."""
@@ -122,17 +149,13 @@ def bench_sizes(
             reps = REPS[size][1 if quick else 0]
             payload = _payload(size, text)
             case_dir = base / f"w-{size}-{kind}"
-            contenders: list[tuple[str, Op]] = []
-            for i, w in enumerate(writers):
-                d = case_dir / f"c{i}"
-                d.mkdir(parents=True)
-                target = str(d / "target.dat")
-                with open(target, "wb") as f:  # overwrite of an existing file
-                    f.write(b"old\n")
-                contenders.append((w.name, _bind(w.fn, target, payload)))
+            # One directory per contender, dealt out afresh every repetition
+            # (round_robin_slots); each holds a target to overwrite.
+            slots = _slots(case_dir, len(writers), "target.dat", b"old\n")
+            contenders = [(w.name, _bind(w.fn, payload)) for w in writers]
             log(f"writes: {size_label} {kind}, {len(contenders)} contenders x {reps} reps")
             warmup = 1 if size < (64 << 20) else 0
-            series = round_robin(contenders, reps, warmup=warmup, before_each=os.sync)
+            series = round_robin_slots(contenders, slots, reps, warmup=warmup, before_each=os.sync)
             case = CaseResult(f"Write {size_label}, {kind}")
             for w in writers:
                 case.rows.append(Row(w.name, _label(traces, w.name), series[w.name]))
@@ -141,12 +164,24 @@ def bench_sizes(
     return results
 
 
-def _bind(fn: Callable[[str, Payload], None], target: str, payload: Payload) -> Op:
-    return lambda: fn(target, payload)
+def _slots(case_dir: Path, n: int, name: str, old: bytes) -> list[str]:
+    """Make ``n`` directories under ``case_dir``, each with a file ``name``; return the files."""
+    targets = []
+    for i in range(n):
+        d = case_dir / f"s{i}"
+        d.mkdir(parents=True)
+        target = d / name
+        target.write_bytes(old)
+        targets.append(str(target))
+    return targets
 
 
-def _bind_json(fn: Callable[[str, object], None], target: str, doc: object) -> Op:
-    return lambda: fn(target, doc)
+def _bind(fn: Callable[[str, Payload], None], payload: Payload) -> SlotOp:
+    return lambda target: fn(target, payload)
+
+
+def _bind_json(fn: Callable[[str, object], None], doc: object) -> SlotOp:
+    return lambda target: fn(target, doc)
 
 
 def json_document(approx_bytes: int = 1 << 20) -> object:
@@ -179,17 +214,11 @@ def bench_json(
     doc = json_document()
     nbytes = len((json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode())
     writers = [w for w in JSON_WRITERS if w.available()]
-    contenders: list[tuple[str, Op]] = []
-    for i, w in enumerate(writers):
-        d = base / "json" / f"c{i}"
-        d.mkdir(parents=True)
-        target = str(d / "doc.json")
-        with open(target, "wb") as f:
-            f.write(b"{}\n")
-        contenders.append((w.name, _bind_json(w.fn, target, doc)))
+    slots = _slots(base / "json", len(writers), "doc.json", b"{}\n")
+    contenders = [(w.name, _bind_json(w.fn, doc)) for w in writers]
     reps = 6 if quick else 25
     log(f"json: {nbytes} bytes, {len(contenders)} contenders x {reps} reps")
-    series = round_robin(contenders, reps, before_each=os.sync)
+    series = round_robin_slots(contenders, slots, reps, before_each=os.sync)
     case = CaseResult(
         f"JSON document ({nbytes / 1e6:.2f} MB, indent=2)",
         note="Every contender writes identical bytes (indent=2, ensure_ascii=False, trailing "
@@ -199,8 +228,9 @@ def bench_json(
     for w in writers:
         label = "no fsync (not atomic)" if w.durability_of == "plain" else None
         case.rows.append(Row(w.name, label or _label(traces, w.durability_of), series[w.name]))
-    with open(os.path.join(base, "json", "c0", "doc.json"), encoding="utf-8") as f:
-        json.load(f)  # sanity: what we timed wrote valid JSON
+    for slot in slots:
+        with open(slot, encoding="utf-8") as f:
+            json.load(f)  # sanity: what we timed wrote valid JSON
     shutil.rmtree(base / "json")
     return case
 
