@@ -638,8 +638,7 @@ class AtomicFileWriter(Generic[AnyStr]):
         if staged is not None:
             staged.discard()
 
-    def __enter__(self) -> IO[AnyStr]:
-        return self.open()
+    __enter__ = open  # the same method: one call less on every ``with``
 
     def __exit__(
         self,
