@@ -216,7 +216,7 @@ def bench_json(
     writers = [w for w in JSON_WRITERS if w.available()]
     slots = _slots(base / "json", len(writers), "doc.json", b"{}\n")
     contenders = [(w.name, _bind_json(w.fn, doc)) for w in writers]
-    reps = 6 if quick else 25
+    reps = 6 if quick else 60
     log(f"json: {nbytes} bytes, {len(contenders)} contenders x {reps} reps")
     series = round_robin_slots(contenders, slots, reps, before_each=os.sync)
     case = CaseResult(
