@@ -947,6 +947,12 @@ def find_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> Iter
     (flat memory); files vanishing meanwhile are skipped; a missing
     ``base_dir`` yields nothing. Read-only; safe while other processes write.
     """
+    for path in _orphaned_temp_paths(base_dir, age_hours):
+        yield Path(path)
+
+
+def _orphaned_temp_paths(base_dir: StrPath, age_hours: float) -> Iterator[str]:
+    """:func:`find_orphaned_temp_files` with ``str`` paths (no Path per file for cleanup)."""
     directory = _check_path(base_dir, "base_dir")
     if age_hours < 0:
         raise ValueError(f"age_hours must not be negative, not {age_hours!r}")
@@ -980,7 +986,7 @@ def find_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> Iter
                 alive[pid] = _platform.pid_exists(pid)
             if alive[pid]:
                 continue
-            yield Path(entry.path)
+            yield entry.path
 
 
 def cleanup_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> int:
@@ -999,7 +1005,7 @@ def cleanup_orphaned_temp_files(base_dir: StrPath, age_hours: float = 24.0) -> i
         The number of files removed (0 if ``base_dir`` does not exist).
     """
     removed = 0
-    for path in find_orphaned_temp_files(base_dir, age_hours):
+    for path in _orphaned_temp_paths(base_dir, age_hours):
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -1302,6 +1308,7 @@ class DirectoryLocker:
         self.lock_dir = Path(lock_dir)
         # Resolved once, so a later chdir does not move the lock.
         self._dir = os.path.abspath(self.lock_dir)
+        self._in_dir = os.path.join(self._dir, "")  # marker path = this + name
         _lock_make_dir(self._dir)
         self.pid = os.getpid()
         self._shared_path = os.path.join(self._dir, f"{_LOCK_SHARED_PREFIX}{self.pid}")
@@ -1494,7 +1501,7 @@ class DirectoryLocker:
         try:
             while True:
                 if self._attempt(mode, ticket_time, first=attempt == 0) and self._claim:
-                    path = os.path.join(self._dir, self._claim)
+                    path = self._in_dir + self._claim
                     self._claim = None  # the instance owns it now: keep it on the way out
                     _lock_logger.debug("acquired %s lock %s", mode, path)
                     return path
@@ -1596,8 +1603,8 @@ class DirectoryLocker:
         for _ in range(_LOCK_PUBLISH_ATTEMPTS):
             token = new_token()
             name = f"{prefix}{pid}-{token}"
-            final = os.path.join(self._dir, name)
-            pending = os.path.join(self._dir, f"{_LOCK_PENDING_PREFIX}{pid}-{token}")
+            final = self._in_dir + name
+            pending = f"{self._in_dir}{_LOCK_PENDING_PREFIX}{pid}-{token}"
             try:
                 fd = os.open(pending, _O_LOCK_PENDING, _LOCK_MARKER_MODE)
             except FileExistsError:
@@ -1644,7 +1651,7 @@ class DirectoryLocker:
         if name is not None:
             # FileNotFoundError: the directory was deleted; nothing left to withdraw.
             with contextlib.suppress(FileNotFoundError):
-                _lock_unlink(os.path.join(self._dir, name))
+                _lock_unlink(self._in_dir + name)
 
     def _scan(self, mine: str | None) -> tuple[list[str], list[str]] | None:
         """List the directory: (shared, exclusive) marker names other than ``mine``.
