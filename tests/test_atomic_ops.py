@@ -1216,6 +1216,41 @@ class TestPermissions:
         st = os.stat(target)
         assert (st.st_uid, st.st_gid) == (65534, 65534)
 
+    @needs_root
+    def test_setuid_mode_and_owner_both_kept_as_root(self, tmp_path: Path) -> None:
+        # chown clears S_ISUID even for root: the owner must be set first.
+        target = tmp_path / "tool"
+        target.write_text("old", encoding="utf-8")
+        if sys.platform == "win32":
+            pytest.skip("no uids on Windows")
+        else:
+            os.chown(target, 65534, 65534)
+        os.chmod(target, 0o4755)  # noqa: S103 - a setuid file is the case
+        atomic_write(target, "new")
+        st = os.stat(target)
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+        assert stat.S_IMODE(st.st_mode) == 0o4755
+
+    @needs_root
+    def test_group_kept_in_a_setgid_directory_as_root(self, tmp_path: Path) -> None:
+        # A new file in a setgid directory takes the directory's group, not
+        # ours: the temp must be compared with the target, not with our ids.
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        if sys.platform == "win32":
+            pytest.skip("no gids on Windows")
+        else:
+            os.chown(shared, 0, 65534)
+            os.chmod(shared, 0o2775)  # noqa: S103 - a setgid directory is the case
+            target = shared / "t.txt"
+            target.write_text("old", encoding="utf-8")
+            os.chown(target, os.geteuid(), os.getegid())
+            before = os.stat(target)
+            assert before.st_gid != 65534
+            atomic_write(target, "new")
+            st = os.stat(target)
+            assert (st.st_uid, st.st_gid) == (before.st_uid, before.st_gid)
+
     def test_mode_of_symlinked_file_kept(self, tmp_path: Path) -> None:
         real = tmp_path / "real.txt"
         real.write_text("old", encoding="utf-8")

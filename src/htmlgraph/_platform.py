@@ -124,29 +124,21 @@ def replace(src: str, dst: str) -> None:
 
 # The write path's two calls, bound once for the platform we run on. Where
 # the definitions above add nothing (fsync outside macOS, replace outside
-# Windows) they are the bare os functions: a small durable write is short
-# enough that a Python frame per call shows (docs/benchmarks.md). The
-# definitions stay what other platforms run and what tests simulate them with.
+# Windows) they are the bare os functions, one Python call less per write
+# (docs/benchmarks.md). The definitions stay what other platforms run and
+# what tests simulate them with.
 write_fsync: Callable[[int], None] = fsync_file if IS_MACOS else os.fsync
 write_replace: Callable[[str, str], None] = replace if IS_WINDOWS else os.replace
 
 
-# Per-process facts the write path needs on every call (each is a syscall).
-# Read once at import and again in a forked child, which has its own pid;
-# hot paths read the attributes directly, without a function call.
+# The process id, which the write path needs on every call (a syscall):
+# read once at import and again in a forked child, which has its own; hot
+# paths read the attribute directly, without a function call.
 class _ProcessFacts:
     pid: int
-    # (euid, egid): the owner a new file gets; (-1, -1) on Windows, whose
-    # files have no POSIX owner. A process that changes its ids later gets
-    # one useless, suppressed fchown at worst.
-    ids: tuple[int, int]
 
     def refresh(self) -> None:
         self.pid = os.getpid()
-        if sys.platform == "win32":
-            self.ids = (-1, -1)
-        else:
-            self.ids = (os.geteuid(), os.getegid())
 
 
 facts = _ProcessFacts()

@@ -324,14 +324,11 @@ class _Staged:
         # None for a new file, which gets 0o666 & ~umask from the kernel, as
         # open() does (no racy os.umask() read, no mkstemp 0600, DESIGN 2.5).
         mode = permissions
-        owner: tuple[int, int] | None = None
         if st is not None:
             if not overwrite:
                 raise FileExistsError(errno.EEXIST, "target exists (overwrite=False)", target)
             if mode is None:
                 mode = stat.S_IMODE(st.st_mode)
-            if (st.st_uid, st.st_gid) != _platform.facts.ids:
-                owner = (st.st_uid, st.st_gid)
         if _platform.IS_WINDOWS:
             directory, name = os.path.split(target)
             prefix = os.path.join(directory, "")
@@ -362,21 +359,31 @@ class _Staged:
         except (FileExistsError, FileNotFoundError):
             temp = self._open_temp_again(parent, prefix, name, create_mode)
         self.temp = temp
-        if mode is None and owner is None:
-            return
+        if mode is None:
+            return  # a new file: the kernel's mode and owner are the right ones
         try:
-            # The umask may have removed bits from the mode we created the temp
-            # with. fstat is cheaper than fchmod, which dirties the inode (a
-            # journal write on ext4), and usually shows nothing to fix. Fixed
-            # on the fd, never by name (pallets/click#3824: chmod by path
-            # follows a symlink swapped in meanwhile).
-            if mode is not None and stat.S_IMODE(os.fstat(self.fd).st_mode) != mode:
-                _platform.set_mode(self.fd, mode)
-            if owner is not None:
-                _platform.keep_owner(self.fd, *owner)
+            self._match(mode, st)
         except BaseException:
             self.discard()
             raise
+
+    def _match(self, mode: int, target: os.stat_result | None) -> None:
+        """Give the temp ``mode`` and, when it replaces ``target``, its owner.
+
+        One ``fstat`` shows what the kernel made: the umask may have removed
+        bits from the mode the temp was created with, and the owner is ours,
+        or the directory's group when it is setgid. Only what differs is
+        changed (``fstat`` is cheaper than ``fchmod``, which dirties the inode,
+        a journal write on ext4), on the fd, never by name (pallets/click#3824:
+        chmod by path follows a symlink swapped in meanwhile). The owner goes
+        first: ``chown`` clears set-user-ID and set-group-ID bits, even for root.
+        """
+        made = os.fstat(self.fd)
+        if target is not None and (made.st_uid, made.st_gid) != (target.st_uid, target.st_gid):
+            _platform.keep_owner(self.fd, target.st_uid, target.st_gid)
+            _platform.set_mode(self.fd, mode)
+        elif stat.S_IMODE(made.st_mode) != mode:
+            _platform.set_mode(self.fd, mode)
 
     def _open_temp_again(self, parent: str, prefix: str, name: str, mode: int) -> str:
         """Open a temp file in ``parent`` after the first attempt failed; return its path.
