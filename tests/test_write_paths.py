@@ -151,9 +151,10 @@ def _draw_tokens(queue: multiprocessing.Queue[list[str]], n: int) -> None:
 
 
 def test_forked_child_does_not_inherit_unused_temp_tokens() -> None:
-    atomic_ops._random_token()  # the pool now holds unused tokens
+    atomic_ops._tokens.clear()
+    atomic_ops._random_token()  # a fresh batch, one token used: the rest wait in the pool
     left = len(atomic_ops._tokens)
-    assert left > 0
+    assert left == atomic_ops._TOKEN_BATCH - 1
     ctx = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[list[str]] = ctx.Queue()
     child = ctx.Process(target=_draw_tokens, args=(queue, left))
