@@ -109,10 +109,10 @@ def evaluate_targets(
                 r = c.ratio(mine, p)
                 if r is None or (r < 1 if strict else r <= 1):
                     continue
-                bounds = c.ratio_ci(mine, p)
+                ci95 = c.ratio_ci(mine, p)
                 text = f"{p} in {c.title} ({fmt_ratio(r)}"
-                if bounds is not None and bounds[0] <= 1:
-                    ties.append(f"{text}, 95% CI {bounds[0]:.2f}-{bounds[1]:.2f})")
+                if ci95 is not None and ci95[0] <= 1:
+                    ties.append(f"{text}, 95% CI {ci95[0]:.2f}-{ci95[1]:.2f})")
                 else:
                     losses.append(text + ")")
         return losses, ties
