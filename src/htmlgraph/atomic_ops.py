@@ -38,7 +38,6 @@ import math
 import os
 import random
 import re
-import secrets
 import stat
 import sys
 import threading
@@ -1116,8 +1115,11 @@ _O_LOCK_READ = (
 # replace them (monkeypatch.setattr(lockmod, "_lock_token", fake)).
 # --------------------------------------------------------------------------
 def _lock_token(nbytes: int) -> str:
-    """Return ``2 * nbytes`` random hex digits: the one source of marker-name randomness."""
-    return secrets.token_hex(nbytes)
+    """Return ``2 * nbytes`` random hex digits for a marker name (the lock's seam).
+
+    Drawn like the temp-name tokens (:func:`_random_token`).
+    """
+    return _random_token(nbytes)
 
 
 _lock_sleep: Callable[[float], None] = time.sleep

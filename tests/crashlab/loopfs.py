@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from htmlgraph._platform import pid_exists
+
 # ioctl number of FICLONE (linux/fs.h: _IOW(0x94, 9, int)).
 _FICLONE = 0x40049409
 _CMD_TIMEOUT = 120.0
@@ -485,7 +487,7 @@ def lowered_sysctl(path: str, value: int, state_dir: str | None = None) -> Itera
         current = int(knob.read_text(encoding="ascii").strip())
         # Restore what a dead run left lowered.
         for name in os.listdir(state_dir):
-            if not name.startswith(prefix) or _pid_alive(int(name[len(prefix) :])):
+            if not name.startswith(prefix) or pid_exists(int(name[len(prefix) :])):
                 continue
             state = Path(state_dir, name)
             original = int(state.read_text(encoding="ascii"))
@@ -517,16 +519,6 @@ def lowered_sysctl(path: str, value: int, state_dir: str | None = None) -> Itera
 _STAGE_NAME = re.compile(r"/crashlab-(\d+)-[^/\s)]*")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _mount_points() -> list[str]:
     points = []
     for line in run(["mount"], check=False).splitlines():
@@ -550,13 +542,13 @@ def reap_stale_stages(base: str) -> list[str]:
     targets: list[tuple[str, str]] = []  # ("mount", path) / ("loop", device)
     for what, text in entries:
         match = _STAGE_NAME.search(text)
-        if match is None or marker not in text or _pid_alive(int(match.group(1))):
+        if match is None or marker not in text or pid_exists(int(match.group(1))):
             continue
         stale.add(base + match.group(0))
         targets.append((what, text if what == "mount" else text.split(":", 1)[0]))
     for name in os.listdir(base):
         match = _STAGE_NAME.match("/" + name)
-        if match is not None and not _pid_alive(int(match.group(1))):
+        if match is not None and not pid_exists(int(match.group(1))):
             stale.add(os.path.join(base, name))
     # Inner mounts and loops hold the reflink stage busy: retry in rounds,
     # mounts before loop devices.

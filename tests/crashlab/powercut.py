@@ -36,6 +36,7 @@ from pathlib import Path
 
 from crashlab.loopfs import LoopFs
 from crashlab.payloads import SCENARIOS, Scenario, content, encoded, matches
+from crashlab.worker import fsync_dir
 
 CRASH_POINTS = ("immediate", "fsync-other", "periodic", "during")
 WRITERS = ("ours", "nondurable", "bare", "no-dir-fsync", "no-file-fsync")
@@ -155,16 +156,6 @@ def _durable_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    if sys.platform == "win32":
-        raise OSError("directories cannot be fsynced on Windows")
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _classify(scenario: Scenario, trial: int, data: bytes | None) -> str:
     if data is None:
         return "missing"
@@ -214,20 +205,20 @@ class PowerCutLab:
         else:
             dir_rel = f"{base_rel}/d"
             (mnt / dir_rel).mkdir()
-            _fsync_dir(mnt / dir_rel)
+            fsync_dir(mnt / dir_rel)
         target_rel = f"{dir_rel}/{TARGET_NAME}"
         if scenario.existing:
             _durable_file(mnt / target_rel, encoded(scenario, content(scenario, "old", trial)))
-            _fsync_dir(mnt / dir_rel)
+            fsync_dir(mnt / dir_rel)
         call_rel = target_rel
         link_dir_rel = f"{base_rel}/link"
         if scenario.via_symlink:
             (mnt / link_dir_rel).mkdir()
             call_rel = f"{link_dir_rel}/{TARGET_NAME}"
             (mnt / call_rel).symlink_to(f"../d/{TARGET_NAME}")
-            _fsync_dir(mnt / link_dir_rel)
-        _fsync_dir(base)
-        _fsync_dir(mnt)
+            fsync_dir(mnt / link_dir_rel)
+        fsync_dir(base)
+        fsync_dir(mnt)
         self.fs.syncfs()
 
         request: dict[str, object] = {

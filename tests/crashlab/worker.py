@@ -45,7 +45,8 @@ def _library_write(scenario: Scenario, path: str, value: object, durable: bool) 
     htmlgraph.atomic_write(path, value, durable=durable, overwrite=not scenario.create_only)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory with bare ``os`` calls (the controls must not use the library)."""
     if sys.platform == "win32":
         raise OSError("directories cannot be fsynced on Windows")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -82,7 +83,7 @@ def _bare_write(
     if dir_fsync:
         # The target's directory, then each created directory's parent.
         for d in [directory, *(os.path.dirname(c) for c in created)]:
-            _fsync_dir(d)
+            fsync_dir(d)
 
 
 def handle(request: dict[str, object]) -> None:
