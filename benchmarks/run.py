@@ -75,6 +75,9 @@ def evaluate_targets(
         b = bounds(name, other, title)
         return f", 95% CI {b[0]:.2f}-{b[1]:.2f}" if b else ""
 
+    def worst_text(name: str, floor: str, w: tuple[float, str] | None) -> str:
+        return f"worst {fmt_ratio(w[0])} ({w[1]}{ci(name, floor, w[1])})" if w else "-"
+
     def threshold(
         worsts: list[tuple[str, str, tuple[float, str] | None]], limit: float, strict: bool
     ) -> str:
@@ -117,9 +120,8 @@ def evaluate_targets(
                     losses.append(text + ")")
         return losses, ties
 
-    def peer_row(
-        target: str, peers: list[str], losses: list[str], ties: list[str], ok_text: str
-    ) -> list[str]:
+    def peer_row(target: str, mine: str, peers: list[str], strict: bool, ok_text: str) -> list[str]:
+        losses, ties = versus(mine, peers, strict)
         if not cases or not peers:
             return [target, "no peer measured (needs strace labels)", _verdict(None)]
         if not losses and not ties:
@@ -152,7 +154,7 @@ def evaluate_targets(
     rows.append(
         [
             "durable write <= 1.10x floor-durable (every size, text and bytes)",
-            f"worst {fmt_ratio(w[0])} ({w[1]}{ci(OURS_D, 'floor-durable', w[1])})" if w else "-",
+            worst_text(OURS_D, "floor-durable", w),
             threshold([(OURS_D, "floor-durable", w)], 1.10, strict=False),
         ]
     )
@@ -161,20 +163,19 @@ def evaluate_targets(
         rows.append(
             [
                 "(info) AtomicFileWriter (durable) vs floor-durable",
-                f"worst {fmt_ratio(w[0])} ({w[1]}{ci(OURS_W, 'floor-durable', w[1])})",
+                worst_text(OURS_W, "floor-durable", w),
                 "info",
             ]
         )
     durable_peers = [n for n, t in traces.items() if t.durable and _is_peer(n)]
-    losses, ties = versus(OURS_D, durable_peers, strict=True)
     rows.append(
         peer_row(
             "durable write faster than every peer with file+dir fsync ("
             + (", ".join(durable_peers) or "none")
             + ")",
+            OURS_D,
             durable_peers,
-            losses,
-            ties,
+            True,
             "faster in every case",
         )
     )
@@ -182,20 +183,19 @@ def evaluate_targets(
     rows.append(
         [
             "durable=False write <= 1.25x floor-fast",
-            f"worst {fmt_ratio(w[0])} ({w[1]}{ci(OURS_F, 'floor-fast', w[1])})" if w else "-",
+            worst_text(OURS_F, "floor-fast", w),
             threshold([(OURS_F, "floor-fast", w)], 1.25, strict=False),
         ]
     )
     weak_peers = [n for n, t in traces.items() if not t.durable and _is_peer(n)]
-    losses, ties = versus(OURS_F, weak_peers, strict=False)
     rows.append(
         peer_row(
             "durable=False write no slower than any non-durable peer ("
             + ", ".join(weak_peers)
             + ")",
+            OURS_F,
             weak_peers,
-            losses,
-            ties,
+            False,
             "no slower in any case",
         )
     )
