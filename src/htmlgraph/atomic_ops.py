@@ -631,8 +631,7 @@ class AtomicFileWriter(Generic[AnyStr]):
             _name_target(exc, staged.target)
             raise
         finally:
-            if not staged.committed:
-                staged.discard()
+            staged.discard()  # no-op after a successful commit
 
     def rollback(self) -> None:
         """Discard the temp file; the target is untouched. Idempotent; no-op after commit."""
@@ -799,8 +798,7 @@ def _write_chunks(
         _name_target(exc, staged.target)
         raise
     finally:
-        if not staged.committed:
-            staged.discard()
+        staged.discard()  # no-op after a successful commit
 
 
 def atomic_write(
