@@ -124,7 +124,7 @@ def torture_worker(
     logging.getLogger(lockmod.__name__).addHandler(broken)
     holds: list[tuple[int, int, int]] = []
     timeouts = 0
-    torn = 0
+    torn_at: list[int] = []  # start of each hold that read a torn counter
     barrier.wait(60)
     for _ in range(n_ops):
         exclusive = rng.random() >= read_share
@@ -136,7 +136,7 @@ def torture_worker(
         with open(counter) as f:
             text = f.read()
         if not text.strip().isdigit():
-            torn += 1  # empty or half-written: a writer was inside with us
+            torn_at.append(start)  # empty or half-written: a writer was inside with us
         if exclusive:
             value = int(text) if text.strip().isdigit() else 0
             with open(counter, "w") as f:
@@ -145,7 +145,16 @@ def torture_worker(
         lock.release_lock()
         holds.append((start, end, int(exclusive)))
     with open(out, "w") as f:
-        json.dump({"holds": holds, "timeouts": timeouts, "torn": torn, "broken": broken.count}, f)
+        json.dump(
+            {
+                "holds": holds,
+                "timeouts": timeouts,
+                "torn": len(torn_at),
+                "torn_at": torn_at,
+                "broken": broken.count,
+            },
+            f,
+        )
 
 
 @dataclass
