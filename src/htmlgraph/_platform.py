@@ -32,6 +32,7 @@ from functools import lru_cache
 __all__ = [
     "IS_MACOS",
     "IS_WINDOWS",
+    "PID_MAX",
     "current_pid",
     "facts",
     "fsync_dir",
@@ -51,6 +52,16 @@ __all__ = [
 
 IS_WINDOWS = sys.platform == "win32"
 IS_MACOS = sys.platform == "darwin"
+# The largest process id there can be: pid_t is a signed 32-bit int on POSIX
+# (os.kill raises OverflowError past it); Windows process ids are DWORDs.
+PID_MAX = 2**32 - 1 if IS_WINDOWS else 2**31 - 1
+# Directory fsync is not supported everywhere (EINVAL on some FUSE, SMB and
+# VirtualBox shared folders, atomicwrites#27). There is nothing more a caller
+# can do there, so these mean "not supported", not failure, as in SQLite's
+# unixSync.
+_DIR_FSYNC_UNSUPPORTED = frozenset(
+    e for e in (errno.EINVAL, getattr(errno, "ENOTSUP", None), errno.EOPNOTSUPP) if e is not None
+)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 # Windows: a replace that races an open handle on the target fails with
@@ -95,6 +106,9 @@ def fsync_dir(path: str) -> None:
             fsync_file(fd)
         else:
             os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
@@ -229,18 +243,30 @@ def pid_namespace() -> str | None:
 
 
 def pid_is_zombie(pid: int) -> bool:
-    """Return whether ``pid`` is a zombie (Linux), i.e. dead but not yet reaped.
+    """Return whether process ``pid`` is dead but not yet reaped (Linux).
 
     ``kill(pid, 0)`` succeeds on a zombie, yet a zombie can never release a
     lock. proc(5): field 3 of ``/proc/<pid>/stat`` is the state, ``Z`` for a
     zombie and ``X`` for a dead task; it follows the parenthesised command
-    name, which may itself contain ``)``.
+    name, which may itself contain ``)``. The leader's state alone is not
+    enough: when the main thread of a multi-threaded process exits, the
+    leader shows ``Z`` while its other threads run on (and hold what the
+    process holds), so every task under ``/proc/<pid>/task`` must be dead.
     """
-    stat = _read_proc_stat(pid)
+    if not _is_dead_state(_read_proc_stat(pid)):
+        return False
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True  # reaped meanwhile, or no task list: the leader is dead
+    return all(_is_dead_state(_read_proc_stat(pid, task)) for task in tasks)
+
+
+def _is_dead_state(stat: bytes | None) -> bool:
     if stat is None:
         return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state in (b"Z", b"X")
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] in (b"Z", b"X")
 
 
 def unlink(path: str) -> None:
@@ -267,12 +293,13 @@ def unlink(path: str) -> None:
             return
 
 
-def _read_proc_stat(pid: int) -> bytes | None:
-    """Return ``/proc/<pid>/stat`` (Linux) or None; os.open/os.read: 3 syscalls, not 9."""
+def _read_proc_stat(pid: int, task: str | None = None) -> bytes | None:
+    """Return ``/proc/<pid>/stat`` (or a task's) on Linux, else None; 3 syscalls, not 9."""
     if sys.platform != "linux":
         return None
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
