@@ -22,10 +22,25 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 
-from htmlgraph import AtomicFileWriter, atomic_json_write, atomic_write
+from htmlgraph import AtomicFileWriter, _identity, _platform, atomic_json_write, atomic_write
 
-# ".tmp-{pid}-{16 hex}-{target name, truncated}" (the contract's temp-file name).
-TEMP_NAME_RE = re.compile(r"^\.tmp-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{16})-(?P<stem>.*)\Z", re.S)
+# ".tmp-{pid}-{owner tag}-{mkstemp random}-{target name, truncated}" (our temp names).
+TEMP_NAME_RE = re.compile(
+    r"^\.tmp-(?P<pid>[0-9]+)-(?P<tag>[0-9a-f]{16})-(?P<random>[a-z0-9_]{8})-(?P<stem>.*)\Z", re.S
+)
+
+
+def temp_name_for(pid: int, target: str = "data.json", *, tag: str | None = None) -> str:
+    """Return a temp name in this library's format for a writer ``pid`` of this host.
+
+    The owner tag is the one the process ``pid`` of this host and pid
+    namespace would write (for a dead pid, with an empty start token).
+    """
+    if tag is None:
+        start = _platform.process_start_token(pid) or ""
+        tag = _identity._place_tag() + _identity._digest8(start)
+    return f".tmp-{pid}-{tag}-{os.urandom(4).hex()}-{target}"
+
 
 # Exit codes used by child processes to report what happened.
 EXIT_OK = 0

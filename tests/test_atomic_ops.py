@@ -25,6 +25,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -44,12 +45,14 @@ from _writehelpers import (
     is_root,
     listing,
     run_python,
+    temp_name_for,
     temp_names,
     tmpfs,
     world_traversable_dir,
 )
 from htmlgraph import (
     AtomicFileWriter,
+    _identity,
     _platform,
     atomic_json_write,
     atomic_ops,
@@ -103,7 +106,7 @@ def dead_pid() -> int:
 
 def orphan_name(pid: int, target: str = "data.json") -> str:
     """Return a temp name in this library's format for ``pid``."""
-    return f".tmp-{pid}-{os.urandom(8).hex()}-{target}"
+    return temp_name_for(pid, target)
 
 
 def _octal(value: int | None) -> str:
@@ -350,7 +353,8 @@ class TestSafeTempFile:
         for path in paths:
             assert path.parent == tmp_path
             assert not path.exists()
-            assert re.fullmatch(rf"\.tmp-{os.getpid()}-[0-9a-f]{{32}}", path.name), path.name
+            tag = _identity.owner_tag(os.getpid())
+            assert re.fullmatch(rf"\.tmp-{os.getpid()}-{tag}-[0-9a-f]{{32}}", path.name), path.name
         assert listing(tmp_path) == []  # only names are handed out, no files
 
     def test_creates_parent_directory(self, tmp_path: Path, as_path: PathKind) -> None:
@@ -362,8 +366,9 @@ class TestSafeTempFile:
         assert listing(base) == []
 
     def test_custom_prefix(self, tmp_path: Path) -> None:
-        path = safe_temp_file(tmp_path, prefix="mine-")
-        assert re.fullmatch(rf"mine-{os.getpid()}-[0-9a-f]{{32}}", path.name), path.name
+        path = safe_temp_file(tmp_path, prefix="mine")
+        tag = _identity.owner_tag(os.getpid())
+        assert re.fullmatch(rf"\.mine-{os.getpid()}-{tag}-[0-9a-f]{{32}}", path.name), path.name
         with open(path, "x", encoding="utf-8") as f:  # usable with O_EXCL
             f.write("x")
         assert listing(tmp_path) == [path.name]
@@ -393,28 +398,32 @@ class TestCleanupOrphanedTempFiles:
         assert cleanup_orphaned_temp_files(tmp_path, age_hours=0.5) == 1
         assert listing(tmp_path) == []
 
-    def test_only_matching_names(self, tmp_path: Path) -> None:
+    def test_every_old_dot_tmp_name_goes_and_nothing_else(self, tmp_path: Path) -> None:
+        # The seed's contract: the glob ".tmp-*", whoever wrote the file (the
+        # seed's own writer used mkstemp: random names without a pid).
         pid = dead_pid()
-        foreign = [
-            "notes.txt",
-            ".tmp-notes",  # the seed's glob would take it; not ours
+        seed_style = [
+            ".tmp-notes",
             ".tmp-",
             f".tmp-{pid}",
+            ".tmp-k3j_x9a2.tmp",  # tempfile.mkstemp(prefix=".tmp-", suffix=".tmp")
             f".tmp-{pid}-nothex0123456789-x",
-            f".tmp-{pid}-0123456789ABCDEF-x",  # upper-case hex is not our token
+            f".tmp-{pid}-0123456789ABCDEF-x",
             f".tmp-abc-{'0' * 16}-x",
+            f".tmp-99999999999-{'0' * 16}-x",  # a pid out of range: foreign, not proof of life
+            orphan_name(pid),  # ours, its writer gone
+        ]
+        other = [
+            "notes.txt",
             f"tmp-{pid}-{'0' * 16}-x",
             f"x.tmp-{pid}-{'0' * 16}-x",
             f".tmpx-{pid}-{'0' * 16}-x",
         ]
-        for name in foreign:
-            (tmp_path / name).write_text("not ours", encoding="utf-8")
+        for name in seed_style + other:
+            (tmp_path / name).write_text("old", encoding="utf-8")
             age_file(tmp_path / name, 1000)
-        ours = tmp_path / orphan_name(pid)
-        ours.write_text("ours", encoding="utf-8")
-        age_file(ours, 1000)
-        assert cleanup_orphaned_temp_files(tmp_path) == 1
-        assert listing(tmp_path) == sorted(foreign)
+        assert cleanup_orphaned_temp_files(tmp_path) == len(seed_style)
+        assert listing(tmp_path) == sorted(other)
 
 
 class TestValidateAtomicWrite:
@@ -831,27 +840,6 @@ class TestRoundTripAxes:
             assert not target.exists()
         assert writer.temp_path is None
         assert listing(tmp_path) == ["report.json"]
-
-    def test_temp_name_collision_is_retried(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        tokens = iter(["0" * 16, "0" * 16, "0" * 16, "1" * 16])
-        calls: list[int] = []
-
-        def forced(nbytes: int = 8) -> str:
-            calls.append(nbytes)
-            return next(tokens)
-
-        target = tmp_path / "t.txt"
-        squatter = tmp_path / f".tmp-{os.getpid()}-{'0' * 16}-t.txt"
-        squatter.write_text("someone else's temp", encoding="utf-8")
-        monkeypatch.setattr(atomic_ops, "_random_token", forced)
-        atomic_write(target, "mine")
-        assert len(calls) == 4  # three collisions with the squatter, then a free name
-        assert target.read_text(encoding="utf-8") == "mine"
-        # Another writer's temp is never touched.
-        assert squatter.read_text(encoding="utf-8") == "someone else's temp"
-        assert listing(tmp_path) == sorted([squatter.name, "t.txt"])
 
 
 class TestTextOptions:
@@ -1602,19 +1590,21 @@ class TestSafeReadWithRetry:
         assert sleeps == [0.01, 0.02, 0.04]  # 4 attempts in all, no sleep after the last
         assert listing(tmp_path) == []
 
-    def test_other_errors_are_not_retried(
+    def test_every_os_error_is_retried_and_nothing_else(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        # The seed's contract: any OSError may be transient (network, FUSE).
         sleeps: list[float] = []
         monkeypatch.setattr("htmlgraph.atomic_ops.time.sleep", sleeps.append)
         (tmp_path / "dir").mkdir()
         with pytest.raises(IsADirectoryError):
             AtomicFileWriter.safe_read_with_retry(tmp_path / "dir")
+        assert sleeps == [0.1, 0.2]
         bad = tmp_path / "bad.txt"
         bad.write_bytes(b"\xff\xfe\xfd")
         with pytest.raises(UnicodeDecodeError):
             AtomicFileWriter.safe_read_with_retry(bad)
-        assert sleeps == []
+        assert sleeps == [0.1, 0.2]  # a decoding error is not retried
 
     def test_encoding(self, tmp_path: Path) -> None:
         target = tmp_path / "l1.txt"
@@ -2107,7 +2097,8 @@ class TestProperties:
     @settings(max_examples=50, deadline=None)
     @given(name=_names)
     def test_temp_names_stay_within_name_max(self, name: str) -> None:
-        temp = atomic_ops._temp_name(name)
+        prefix, suffix = atomic_ops._temp_affixes(name)
+        temp = prefix + "x" * atomic_ops._MKSTEMP_RANDOM + suffix
         raw = temp.encode("utf-8")
         assert len(raw) <= 255
         match = TEMP_NAME_RE.match(temp)
@@ -2339,21 +2330,37 @@ class TestEdgeCases:
         if existing:
             assert target.read_text(encoding="utf-8") == "old"
 
-    def test_every_temp_name_taken(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        squatter = tmp_path / f".tmp-{os.getpid()}-{'a' * 16}-t.txt"
-        squatter.write_text("taken", encoding="utf-8")
-        calls: list[int] = []
+    @pytest.mark.parametrize(
+        "error",
+        [
+            OSError(errno.ENOSPC, "No space left on device"),
+            OSError("No space left on device"),  # the seed's own simulation: no errno
+            FileExistsError(errno.EEXIST, "No usable temporary file name found"),
+        ],
+    )
+    def test_temp_creation_failure_surfaces_before_anything_is_written(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
+    ) -> None:
+        # Temps are made by tempfile.mkstemp, so patching it simulates a full
+        # disk, as the seed's own tests do.
+        target = tmp_path / "t.txt"
+        target.write_text("old", encoding="utf-8")
+        calls: list[object] = []
 
-        def stuck(nbytes: int = 8) -> str:
-            calls.append(nbytes)
-            return "a" * 16
+        def failing(*args: object, **kwargs: object) -> tuple[int, str]:
+            calls.append(args)
+            raise error
 
-        monkeypatch.setattr(atomic_ops, "_random_token", stuck)
-        with pytest.raises(FileExistsError, match="temp name"):
-            atomic_write(tmp_path / "t.txt", "x")
-        assert len(calls) > 1  # it did retry with fresh tokens before giving up
-        assert listing(tmp_path) == [squatter.name]
-        assert squatter.read_text(encoding="utf-8") == "taken"
+        monkeypatch.setattr(tempfile, "mkstemp", failing)
+        with pytest.raises(type(error)), AtomicFileWriter(target) as f:
+            f.write("never")
+        with pytest.raises(type(error)):
+            atomic_write(target, "never")
+        with pytest.raises(type(error)):
+            atomic_json_write(target, {"never": 1})
+        assert len(calls) == 3
+        assert target.read_text(encoding="utf-8") == "old"
+        assert listing(tmp_path) == ["t.txt"]
 
     def test_memoryview_of_wide_items_is_written_whole(self, tmp_path: Path) -> None:
         from array import array

@@ -26,6 +26,7 @@ import pytest
 import _clihelpers
 import htmlgraph
 from _lockhelpers import NaiveLock
+from _writehelpers import temp_name_for
 from htmlgraph import DirectoryLocker, _selfcheck, cli
 from htmlgraph.session_registry import SessionRegistry
 
@@ -777,27 +778,27 @@ def test_cleanup_rules(tmp_path: Path) -> None:
         timeout=TIMEOUT,
     )
     dead_pid = int(dead.stdout)
-    orphan = tmp_path / f".tmp-{dead_pid}-{'ab' * 8}-data.json"
-    live = tmp_path / f".tmp-{os.getpid()}-{'cd' * 8}-data.json"  # our pid: alive
-    foreign = tmp_path / ".tmp-not-ours"
+    orphan = tmp_path / temp_name_for(dead_pid, "data.json")
+    live = tmp_path / temp_name_for(os.getpid(), "data.json")  # our pid: alive
+    seed_style = tmp_path / ".tmp-not-ours"  # no pid: judged by age alone
     keep = tmp_path / "data.json"
-    for path in (orphan, live, foreign, keep):
+    for path in (orphan, live, seed_style, keep):
         path.write_text("x")
     old = time.time() - 7200
-    for path in (orphan, live, foreign):
+    for path in (orphan, live, seed_style):
         os.utime(path, (old, old))
     result = run_cli("cleanup", "--dry-run", "--age-hours", "1", str(tmp_path))
     assert result.returncode == 0
-    assert result.stdout.decode().splitlines() == [str(orphan)]
+    assert result.stdout.decode().splitlines() == sorted([str(orphan), str(seed_style)])
     assert len(listing(tmp_path)) == 4
     result = run_cli("cleanup", "--age-hours", "3", str(tmp_path))  # too young at 3 h
     assert result.returncode == 0
     assert b"removed 0" in result.stdout
     result = run_cli("cleanup", "--age-hours", "1", str(tmp_path))
     assert result.returncode == 0
-    assert b"removed 1" in result.stdout
-    assert b"WARNING: removed 1 orphaned temp file(s) from" in result.stderr
-    assert listing(tmp_path) == sorted(p.name for p in (live, foreign, keep))
+    assert b"removed 2" in result.stdout
+    assert b"WARNING: removed 2 orphaned temp file(s) from" in result.stderr
+    assert listing(tmp_path) == sorted(p.name for p in (live, keep))
 
 
 def test_cleanup_missing_directory(tmp_path: Path) -> None:
@@ -1208,7 +1209,7 @@ def test_main_in_process_tour(
     text.write_text("{")
     assert cli.main(["validate", "--json", str(text)]) == 1
 
-    orphan = tmp_path / ".tmp-999999999-0123456789abcdef-x"
+    orphan = tmp_path / temp_name_for(999999999, "x")
     orphan.write_text("x")
     old = time.time() - 3600
     os.utime(orphan, (old, old))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from _writehelpers import temp_name_for
 from htmlgraph import cleanup_orphaned_temp_files, find_orphaned_temp_files
 
 
@@ -28,23 +29,27 @@ def _old(path: Path, hours: float = 48.0) -> Path:
 @pytest.fixture
 def scene(tmp_path: Path) -> tuple[Path, set[str]]:
     dead = _dead_pid()
-    orphan = tmp_path / f".tmp-{dead}-{'a' * 16}-data.json"
+    orphan = tmp_path / temp_name_for(dead, "data.json")
     orphan.write_text("partial")
     _old(orphan)
-    young = tmp_path / f".tmp-{dead}-{'b' * 16}-data.json"
+    young = tmp_path / temp_name_for(dead, "data.json")
     young.write_text("recent")
-    live = tmp_path / f".tmp-{os.getpid()}-{'c' * 16}-data.json"
+    live = tmp_path / temp_name_for(os.getpid(), "data.json")
     live.write_text("in progress")
     _old(live)
-    foreign = tmp_path / ".tmp-not-ours"
-    foreign.write_text("someone else's")
-    _old(foreign)
-    (tmp_path / f".tmp-{dead}-{'d' * 16}-dir").mkdir()
-    _old(tmp_path / f".tmp-{dead}-{'d' * 16}-dir")
-    link = tmp_path / f".tmp-{dead}-{'e' * 16}-link"
+    other_namespace = tmp_path / temp_name_for(dead, "data.json", tag="f" * 16)
+    other_namespace.write_text("a writer in another container; its pid means nothing here")
+    _old(other_namespace)
+    seed_style = tmp_path / ".tmp-k3j_x9a2.tmp"  # the seed's mkstemp temp: no pid
+    seed_style.write_text("someone's")
+    _old(seed_style)
+    directory = tmp_path / temp_name_for(dead, "dir")
+    directory.mkdir()
+    _old(directory)
+    link = tmp_path / temp_name_for(dead, "link")
     link.symlink_to(orphan)
     _old(link)
-    return tmp_path, {orphan.name}
+    return tmp_path, {orphan.name, seed_style.name}
 
 
 def test_find_lists_exactly_the_orphans_and_removes_nothing(
@@ -78,7 +83,7 @@ def test_each_pid_is_asked_about_once(tmp_path: Path, monkeypatch: pytest.Monkey
 
     dead = _dead_pid()
     for i in range(5):
-        orphan = tmp_path / f".tmp-{dead}-{i:016x}-f"
+        orphan = tmp_path / temp_name_for(dead, f"f{i}")
         orphan.write_text("x")
         _old(orphan)
     asked: list[int] = []

@@ -18,11 +18,12 @@ accepts only ASCII digits within the platform's pid range, so an odd name
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Literal
 
 from htmlgraph import _platform
 
-__all__ = ["OwnerState", "owner_state", "owner_tag", "parse_pid"]
+__all__ = ["OwnerState", "owner_state", "owner_tag", "parse_pid", "tagged_owner_state"]
 
 OwnerState = Literal["alive", "gone", "unknown"]
 
@@ -76,6 +77,7 @@ def owner_state(pid: int, host: str, pidns: str | None, start: str | None) -> Ow
     return "alive"
 
 
+@lru_cache(maxsize=1)
 def owner_tag(pid: int) -> str:
     """Return 16 hex digits naming where and when process ``pid`` of this host runs.
 
@@ -83,13 +85,32 @@ def owner_tag(pid: int) -> str:
     start token. A temp file name carries its writer's tag, so cleanup can
     tell a temp of its own namespace (judge the pid) from one written in
     another container or host (never judge), and a reused pid from the writer.
+    Asked for this process's own pid, so cached (a forked child has another).
     """
     return _place_tag() + _digest8(_platform.process_start_token(pid) or "")
+
+
+def tagged_owner_state(pid: int, tag: str) -> OwnerState:
+    """Say whether the process named by ``pid`` and :func:`owner_tag` ``tag`` runs.
+
+    ``"unknown"`` when the tag was made on another host or in another pid
+    namespace; ``"gone"`` when the pid no longer exists, is a zombie, or now
+    belongs to a process with another start token; else ``"alive"``.
+    """
+    if tag[:8] != _place_tag():
+        return "unknown"
+    if not _platform.pid_exists(pid) or _platform.pid_is_zombie(pid):
+        return "gone"
+    token = _platform.process_start_token(pid)
+    if token is not None and _digest8(token) != tag[8:]:
+        return "gone"
+    return "alive"
 
 
 def _digest8(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
+@lru_cache(maxsize=1)
 def _place_tag() -> str:
     return _digest8(f"{_platform.hostname()}\0{_platform.pid_namespace()}")

@@ -627,7 +627,7 @@ def _phase_lock(run: _Run, report: CheckReport, locker: LockFactory, directory: 
 
 
 def _try_dir_fsync(directory: str) -> str:
-    if _platform.IS_WINDOWS:
+    if sys.platform == "win32":
         return "n/a (Windows)"
     try:
         _platform.fsync_dir(directory)

@@ -538,8 +538,9 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_OK
-    removed = atomic_ops.cleanup_orphaned_temp_files(directory, age_hours=args.age_hours)
-    print(f"removed {removed} orphaned temp file(s) from {directory}")
+    removed, skipped = atomic_ops._cleanup(directory, args.age_hours)
+    skipped_note = f" (skipped {skipped} it may not remove)" if skipped else ""
+    print(f"removed {removed} orphaned temp file(s) from {directory}{skipped_note}")
     return EXIT_OK
 
 
