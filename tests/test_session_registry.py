@@ -8,6 +8,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,8 @@ from htmlgraph.session_registry import MAX_ID_BYTES, SessionConflictError, Sessi
 
 LOGGER = "htmlgraph.session_registry"
 JOIN_TIMEOUT = 120.0
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 UNSAFE_IDS = [
     "",
@@ -74,6 +77,19 @@ def _no_leftover_children() -> Iterator[None]:
 @pytest.fixture
 def reg(tmp_path: Path) -> SessionRegistry:
     return SessionRegistry(tmp_path / "registry")
+
+
+def register(reg: SessionRegistry, session_id: str, **info: Any) -> str:
+    """Register ``session_id`` and return the instance id (the record's file stem)."""
+    path = reg.register_session(session_id, **info)
+    assert path.parent == reg.active_dir
+    assert path.suffix == ".json"
+    return path.stem
+
+
+def ts(moment: datetime) -> str:
+    """``moment`` as htmlgraph writes it: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _listing(directory: Path) -> set[str]:
@@ -120,14 +136,16 @@ def assert_consistent(
         for iid, r in records.items()
     }
     assert len(expected) == len(records), "two records claim one session"
-    if reg.index_path.exists():
-        index = _load(reg.index_path)
-        assert index["format"] == 1
+    if reg.index_file.exists():
+        index = _load(reg.index_file)
+        assert set(index) == {"version", "updated_at", "active_sessions"}
+        assert index["version"] == "1.0"
+        assert TIMESTAMP.fullmatch(index["updated_at"])
         if not exact_times:
-            for entries in (index["sessions"], expected):
+            for entries in (index["active_sessions"], expected):
                 for entry in entries.values():
                     entry.pop("last_activity")
-        assert index["sessions"] == expected
+        assert index["active_sessions"] == expected
     else:
         assert records == {}
 
@@ -143,32 +161,39 @@ def plant_record(
     pid_namespace: str | None = None,
     last_activity: datetime | None = None,
 ) -> dict[str, Any]:
-    """Write a record as another process would have (and index it consistently)."""
+    """Write a record as another process of this package would have (and index it).
+
+    ``pid_namespace`` defaults to this process's (a record of this host).
+    """
     moment = last_activity or datetime.now(timezone.utc)
+    host = hostname if hostname is not None else session_registry._hostname()
     record: dict[str, Any] = {
-        "format": 1,
         "instance_id": instance_id,
         "session_id": session_id,
-        "hostname": hostname if hostname is not None else session_registry._hostname(),
+        "created": ts(moment),
+        "repo": {},
+        "instance": {"pid": pid, "hostname": host},
+        "status": "active",
+        "last_activity": ts(moment),
+        "format": 2,
+        "hostname": host,
         "pid": pid if pid is not None else os.getpid(),
         "process_start": process_start,
-        "pid_namespace": pid_namespace,
-        "created": moment.isoformat(),
-        "last_activity": moment.isoformat(),
-        "repo": None,
-        "instance": None,
+        "pid_namespace": (
+            pid_namespace if pid_namespace is not None else _platform.pid_namespace()
+        ),
     }
     reg.active_dir.mkdir(parents=True, exist_ok=True)
     (reg.active_dir / f"{instance_id}.json").write_text(json.dumps(record), encoding="utf-8")
-    index: dict[str, Any] = {"format": 1, "sessions": {}}
-    if reg.index_path.exists():
-        index = _load(reg.index_path)
-    index["sessions"][session_id] = {
+    index: dict[str, Any] = {"version": "1.0", "updated_at": ts(moment), "active_sessions": {}}
+    if reg.index_file.exists():
+        index = _load(reg.index_file)
+    index["active_sessions"][session_id] = {
         "instance_id": instance_id,
         "created": record["created"],
         "last_activity": record["last_activity"],
     }
-    reg.index_path.write_text(json.dumps(index), encoding="utf-8")
+    reg.index_file.write_text(json.dumps(index), encoding="utf-8")
     return record
 
 
@@ -206,7 +231,7 @@ def _hold_session(registry_dir: str, session_id: str, conn: Connection) -> None:
     multiprocessing Event leaves the Event's condition broken for everyone.
     """
     reg = SessionRegistry(registry_dir)
-    conn.send(reg.register_session(session_id, repo={"path": "/repo"}))
+    conn.send(register(reg, session_id, repo_info={"path": "/repo"}))
     conn.poll(JOIN_TIMEOUT)
     conn.close()
 
@@ -233,7 +258,7 @@ def _churn_worker(
     reg = SessionRegistry(registry_dir, lock_timeout=60.0)
     barrier.wait(JOIN_TIMEOUT)
     session_id = f"session-{number:02d}"
-    instance_id = reg.register_session(session_id, repo={"n": number}, instance={"agent": "t"})
+    instance_id = register(reg, session_id, repo_info={"n": number}, instance_info={"agent": "t"})
     ok = sum(reg.update_activity(instance_id) for _ in range(heartbeats))
     archived = reg.archive_session(instance_id) if archive else False
     conn.send((session_id, instance_id, ok, archived))
@@ -255,7 +280,7 @@ def _crash_worker(registry_dir: str, conn: Connection) -> None:
     conn.send("ready")
     n = 0
     while True:
-        instance_id = reg.register_session(f"crash-{n % 3}", repo={"n": n})
+        instance_id = register(reg, f"crash-{n % 3}", repo_info={"n": n})
         reg.update_activity(instance_id)
         if n % 2:
             reg.archive_session(instance_id)
@@ -275,7 +300,7 @@ def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> N
                 bad += 1
         listings += 1
         names = [n for n in _listing(reg.active_dir) if not n.startswith(".")]
-        for path in [reg.index_path, *(reg.active_dir / n for n in names)]:
+        for path in [reg.index_file, *(reg.active_dir / n for n in names)]:
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
@@ -285,20 +310,24 @@ def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> N
             except ValueError:
                 bad += 1
                 continue
-            if not isinstance(data, dict) or data.get("format") != 1:
+            if not isinstance(data, dict):
                 bad += 1
-            if path == reg.index_path:
+            elif path == reg.index_file and data.get("version") != "1.0":
+                bad += 1
+            elif path != reg.index_file and data.get("format") != 2:
+                bad += 1
+            if path == reg.index_file:
                 index_reads += 1
             else:
                 raw_reads += 1
-        if listings % 20 == 0 and reg.index_path.exists():
+        if listings % 20 == 0 and reg.index_file.exists():
             # Under the shared lock no change is half done: the index
             # matches active/ exactly.
             with reg._shared():
-                index = _load(reg.index_path)
+                index = _load(reg.index_file)
                 names = [n for n in _listing(reg.active_dir) if not n.startswith(".")]
             locked_reads += 1
-            holders = sorted(e["instance_id"] + ".json" for e in index["sessions"].values())
+            holders = sorted(e["instance_id"] + ".json" for e in index["active_sessions"].values())
             if holders != sorted(names):
                 bad += 1
         time.sleep(0.001)  # leave the two cores to the writers
@@ -309,15 +338,40 @@ def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> N
 # --------------------------------------------------------------------------
 # Construction and paths
 # --------------------------------------------------------------------------
-def test_default_directory_is_under_cwd_and_nothing_is_created(
+def test_default_directory_is_under_cwd_and_created_at_construction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     reg = SessionRegistry()
     assert reg.registry_dir == tmp_path / ".htmlgraph" / "sessions" / "registry"
-    assert reg.active_dir == reg.registry_dir / "active"
-    assert reg.archive_dir == reg.registry_dir / "archive"
-    assert reg.index_path == reg.registry_dir / ".index.json"
+    assert reg.registry_dir == tmp_path / SessionRegistry.DEFAULT_REGISTRY_SUBPATH
+    assert (
+        reg.active_dir
+        == reg.registry_dir / SessionRegistry.ACTIVE_DIR
+        == reg.registry_dir / "active"
+    )
+    assert (
+        reg.archive_dir
+        == reg.registry_dir / "archive"
+        == reg.registry_dir / SessionRegistry.ARCHIVE_DIR
+    )
+    assert (
+        reg.index_file
+        == reg.registry_dir / ".index.json"
+        == reg.registry_dir / SessionRegistry.INDEX_FILE
+    )
+    assert _listing(reg.registry_dir) == {"active", "archive"}
+    assert _listing(reg.active_dir) == _listing(reg.archive_dir) == set()
+    # A second construction on an existing registry is fine and changes nothing.
+    SessionRegistry()
+    assert _listing(reg.registry_dir) == {"active", "archive"}
+
+
+def test_create_false_touches_nothing_until_the_first_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reg = SessionRegistry(create=False)
     assert reg.get_current_sessions() == []
     assert reg.get_index() == {}
     assert reg.read_session(reg.get_instance_id()) is None
@@ -336,7 +390,7 @@ def test_registry_dir_accepts_str_and_path_and_is_made_absolute(
     reg = SessionRegistry(kind("reg"))
     monkeypatch.chdir("/")
     assert reg.registry_dir == tmp_path / "reg"
-    reg.register_session("s1")
+    register(reg, "s1")
     assert (tmp_path / "reg" / "active" / f"{reg.get_instance_id()}.json").is_file()
     assert "reg" in repr(reg)
 
@@ -373,7 +427,7 @@ def test_first_change_creates_the_registry_directories_durably(
 
     monkeypatch.setattr(_platform, "fsync_dir", recording)
     reg = SessionRegistry(tmp_path / "a" / "b" / "registry", durable=durable)
-    reg.register_session("s1")
+    register(reg, "s1")
     parents = [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
     assert synced[:3] == (parents if durable else [])
     assert_consistent(reg)
@@ -381,19 +435,53 @@ def test_first_change_creates_the_registry_directories_durably(
 
 def test_registry_path_that_is_a_file_raises(tmp_path: Path) -> None:
     (tmp_path / "registry").write_text("a file", encoding="utf-8")
-    reg = SessionRegistry(tmp_path / "registry")
     with pytest.raises(FileExistsError):
-        reg.register_session("s1")
+        SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
+    with pytest.raises(FileExistsError):
+        register(reg, "s1")
     assert (tmp_path / "registry").read_text(encoding="utf-8") == "a file"
 
 
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
+def test_construction_raises_oserror_when_it_cannot_create(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(PermissionError):
+            SessionRegistry(locked / "registry")
+    finally:
+        locked.chmod(0o700)
+    assert _listing(locked) == set()
+
+
+def test_construction_raises_oserror_naming_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root ignores permissions, so the refusal is injected at the one mkdir.
+    real = Path.mkdir
+    calls: list[Path] = []
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> None:
+        calls.append(self)
+        if self.name == "archive":
+            raise PermissionError(13, "Permission denied", str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(PermissionError) as info:
+        SessionRegistry(tmp_path / "registry")
+    assert info.value.filename == str(tmp_path / "registry" / "archive")
+    assert calls[-1].name == "archive"
+
+
 def _register_from_pickle(reg: SessionRegistry, conn: Connection) -> None:
-    conn.send(reg.register_session("from-child"))
+    conn.send(register(reg, "from-child"))
     conn.close()
 
 
 def test_registry_pickles_to_another_process(reg: SessionRegistry) -> None:
-    reg.register_session("s1")  # the parent's locker exists now
+    register(reg, "s1")  # the parent's locker exists now
     clone = pickle.loads(pickle.dumps(reg))
     assert (clone.registry_dir, clone.lock_timeout, clone.durable) == (
         reg.registry_dir,
@@ -414,9 +502,9 @@ def test_registry_pickles_to_another_process(reg: SessionRegistry) -> None:
 
 
 def test_get_session_file_path(reg: SessionRegistry) -> None:
-    path = reg.get_session_file_path("host-1-abc")
-    assert path == reg.active_dir / "host-1-abc.json"
-    assert not reg.registry_dir.exists()
+    path = reg.get_session_file_path("inst-1-host-99")
+    assert path == reg.active_dir / "inst-1-host-99.json"
+    assert not path.exists()  # no existence check
 
 
 # --------------------------------------------------------------------------
@@ -435,7 +523,7 @@ def test_get_session_file_path(reg: SessionRegistry) -> None:
     ],
 )
 def test_unsafe_ids_raise_value_error_naming_the_id(tmp_path: Path, method: str, bad: str) -> None:
-    reg = SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
     with pytest.raises(ValueError, match="unsafe") as info:
         getattr(reg, method)(bad)
     shown = repr(bad)
@@ -448,15 +536,16 @@ def test_unsafe_ids_raise_value_error_naming_the_id(tmp_path: Path, method: str,
     "method", ["register_session", "read_session", "update_activity", "archive_session"]
 )
 def test_non_string_ids_raise_type_error(tmp_path: Path, method: str, bad: object) -> None:
-    reg = SessionRegistry(tmp_path / "registry")
-    with pytest.raises(TypeError, match="must be a str"):
+    reg = SessionRegistry(tmp_path / "registry", create=False)
+    with pytest.raises(TypeError, match="must be a str") as info:
         getattr(reg, method)(bad)
+    assert isinstance(info.value, ValueError)  # htmlgraph documents ValueError
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("good", SAFE_IDS)
 def test_safe_session_ids_are_accepted(reg: SessionRegistry, good: str) -> None:
-    iid = reg.register_session(good)
+    iid = register(reg, good)
     record = reg.read_session(iid)
     assert record is not None
     assert record["session_id"] == good
@@ -478,18 +567,18 @@ def test_safe_session_ids_are_accepted(reg: SessionRegistry, good: str) -> None:
 def test_register_rejects_bad_info_before_touching_disk(
     tmp_path: Path, repo: Any, instance: Any, error: type[Exception]
 ) -> None:
-    reg = SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
     with pytest.raises(error, match=r"repo|instance"):
-        reg.register_session("s1", repo=repo, instance=instance)
+        register(reg, "s1", repo_info=repo, instance_info=instance)
     assert os.listdir(tmp_path) == []
 
 
 def test_circular_info_is_rejected(tmp_path: Path) -> None:
     loop: dict[str, object] = {}
     loop["self"] = loop
-    reg = SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
     with pytest.raises(ValueError, match="instance"):
-        reg.register_session("s1", instance=loop)
+        register(reg, "s1", instance_info=loop)
     assert os.listdir(tmp_path) == []
 
 
@@ -497,7 +586,7 @@ def test_circular_info_is_rejected(tmp_path: Path) -> None:
 def test_reap_rejects_bad_max_idle(
     reg: SessionRegistry, max_idle: Any, error: type[Exception]
 ) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     with pytest.raises(error, match="max_idle"):
         reg.reap_stale(max_idle=max_idle)
     assert reg.read_session(reg.get_instance_id()) is not None
@@ -591,7 +680,7 @@ def test_instance_id_is_recomputed_in_a_forked_child(reg: SessionRegistry) -> No
 def test_register_writes_record_and_index(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    iid = reg.register_session("s1", repo={"path": "/r", "branch": "main"}, instance={"a": 1})
+    iid = register(reg, "s1", repo_info={"path": "/r", "branch": "main"}, instance_info={"a": 1})
     assert iid == reg.get_instance_id()
     record = reg.read_session(iid)
     assert record is not None
@@ -619,9 +708,9 @@ def test_register_again_same_session_keeps_created(
 ) -> None:
     t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1", repo={"v": 1})
+    iid = register(reg, "s1", repo_info={"v": 1})
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0 + timedelta(seconds=5))
-    assert reg.register_session("s1", repo={"v": 2}) == iid
+    assert register(reg, "s1", repo_info={"v": 2}) == iid
     record = reg.read_session(iid)
     assert record is not None
     assert record["created"] == t0.isoformat()
@@ -632,8 +721,8 @@ def test_register_again_same_session_keeps_created(
 
 
 def test_register_with_new_session_archives_the_previous_one(reg: SessionRegistry) -> None:
-    iid = reg.register_session("old")
-    reg.register_session("new")
+    iid = register(reg, "old")
+    register(reg, "new")
     assert set(reg.get_index()) == {"new"}
     (archived,) = _listing(reg.archive_dir)
     assert archived.startswith(f"{iid}-")
@@ -646,7 +735,7 @@ def test_register_with_new_session_archives_the_previous_one(reg: SessionRegistr
 
 def test_read_session_missing_is_none(reg: SessionRegistry) -> None:
     assert reg.read_session("nobody") is None
-    reg.register_session("s1")
+    register(reg, "s1")
     assert reg.read_session("nobody") is None
 
 
@@ -655,7 +744,7 @@ def test_update_activity_advances_record_and_index(
 ) -> None:
     t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0 + timedelta(minutes=3))
     assert reg.update_activity(iid) is True
     record = reg.read_session(iid)
@@ -668,7 +757,7 @@ def test_update_activity_advances_record_and_index(
 
 def test_update_activity_of_unknown_or_archived_instance_is_false(reg: SessionRegistry) -> None:
     assert reg.update_activity("nobody") is False
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     assert reg.archive_session(iid) is True
     assert reg.update_activity(iid) is False
     assert not reg.get_session_file_path(iid).exists()  # not resurrected
@@ -678,7 +767,7 @@ def test_update_activity_of_unknown_or_archived_instance_is_false(reg: SessionRe
 def test_archive_session(reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     t0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1", repo={"r": 1})
+    iid = register(reg, "s1", repo_info={"r": 1})
     before = reg.read_session(iid)
     assert reg.archive_session(iid) is True
     assert reg.read_session(iid) is None
@@ -697,9 +786,9 @@ def test_archiving_twice_in_one_microsecond_keeps_both(
 ) -> None:
     t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     assert reg.archive_session(iid)
-    reg.register_session("s1")
+    register(reg, "s1")
     assert reg.archive_session(iid)
     assert _listing(reg.archive_dir) == {
         f"{iid}-20300101T000000000000Z.json",
@@ -719,7 +808,7 @@ def test_get_current_sessions_sorted_and_ignores_temps(reg: SessionRegistry) -> 
 
 
 def test_find_session(reg: SessionRegistry) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     plant_record(reg, "other-1", "s2", hostname="elsewhere", pid=1)
     found = reg.find_session("s1")
     assert found is not None
@@ -731,7 +820,7 @@ def test_find_session(reg: SessionRegistry) -> None:
 
 
 def test_threads_sharing_one_registry_lose_no_heartbeat(reg: SessionRegistry) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     errors: list[BaseException] = []
     results: list[bool] = []
 
@@ -758,15 +847,15 @@ def test_threads_sharing_one_registry_lose_no_heartbeat(reg: SessionRegistry) ->
 # --------------------------------------------------------------------------
 def test_changes_wait_for_the_lock_and_time_out(tmp_path: Path) -> None:
     reg = SessionRegistry(tmp_path / "registry", lock_timeout=0.2)
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     before = reg.get_session_file_path(iid).read_bytes()
-    index_before = reg.index_path.read_bytes()
+    index_before = reg.index_file.read_bytes()
     holder = DirectoryLocker(reg.lock_dir)
     with holder.exclusive(timeout=5):
         with pytest.raises(LockTimeout):
             reg.update_activity(iid)
         with pytest.raises(LockTimeout):
-            reg.register_session("s2")
+            register(reg, "s2")
         with pytest.raises(LockTimeout):
             reg.archive_session(iid)
         with pytest.raises(LockTimeout):
@@ -777,7 +866,7 @@ def test_changes_wait_for_the_lock_and_time_out(tmp_path: Path) -> None:
         assert reg.read_session(iid) is not None
         assert len(reg.get_current_sessions()) == 1
     assert reg.get_session_file_path(iid).read_bytes() == before
-    assert reg.index_path.read_bytes() == index_before
+    assert reg.index_file.read_bytes() == index_before
     assert reg.update_activity(iid) is True
     assert_consistent(reg)
 
@@ -794,7 +883,7 @@ def test_every_change_holds_the_exclusive_lock(
         real(path, data, **kwargs)
 
     monkeypatch.setattr(session_registry, "atomic_json_write", probing_write)
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     reg.update_activity(iid)
     reg.archive_session(iid)
     assert probes == [False, False, False]
@@ -805,7 +894,7 @@ def test_every_change_holds_the_exclusive_lock(
 # Reaping
 # --------------------------------------------------------------------------
 def test_reap_archives_dead_and_pid_reused_instances_only(reg: SessionRegistry) -> None:
-    mine = reg.register_session("mine")
+    mine = register(reg, "mine")
     plant_record(reg, "dead-1", "s-dead", pid=dead_pid())
     plant_record(reg, "remote-1", "s-remote", hostname="another-host", pid=dead_pid())
     expected = ["dead-1"]
@@ -828,7 +917,7 @@ def test_reap_archives_idle_instances_on_any_host(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = datetime.now(timezone.utc)
-    mine = reg.register_session("mine")
+    mine = register(reg, "mine")
     plant_record(
         reg, "remote-old", "s1", hostname="far", pid=7, last_activity=now - timedelta(hours=2)
     )
@@ -846,7 +935,7 @@ def test_reap_archives_idle_instances_on_any_host(
 
 
 def test_reap_removes_orphaned_temp_files(reg: SessionRegistry) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     orphan = reg.active_dir / f".tmp-{dead_pid()}-0123456789abcdef-x.json"
     orphan.write_text("{", encoding="utf-8")
     old = time.time() - 2 * 3600
@@ -864,7 +953,7 @@ def test_session_conflict_with_live_holder_then_takeover(reg: SessionRegistry) -
     proc, pipe, holder = start_holder(reg.registry_dir, "shared")
     try:
         with pytest.raises(SessionConflictError) as info:
-            reg.register_session("shared")
+            register(reg, "shared")
         err = info.value
         assert isinstance(err, ValueError)
         assert (err.session_id, err.instance_id) == ("shared", holder)
@@ -878,7 +967,7 @@ def test_session_conflict_with_live_holder_then_takeover(reg: SessionRegistry) -
         proc.join(JOIN_TIMEOUT)
     assert proc.exitcode == 0
     # The holder is gone now: the session is taken over, its record archived.
-    mine = reg.register_session("shared")
+    mine = register(reg, "shared")
     assert reg.get_index()["shared"]["instance_id"] == mine
     (name,) = _listing(reg.archive_dir)
     data = _load(reg.archive_dir / name)
@@ -889,7 +978,7 @@ def test_session_conflict_with_live_holder_then_takeover(reg: SessionRegistry) -
 def test_session_held_on_another_host_is_a_conflict(reg: SessionRegistry) -> None:
     plant_record(reg, "remote-1", "s1", hostname="another-host", pid=dead_pid())
     with pytest.raises(SessionConflictError):
-        reg.register_session("s1")
+        register(reg, "s1")
     assert_consistent(reg)
 
 
@@ -931,11 +1020,11 @@ CORRUPT_INDEXES = {
 def test_corrupt_index_is_rebuilt_with_a_warning(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture, kind: str, next_use: str
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     plant_record(reg, "remote-1", "s2", hostname="far", pid=1)
-    good = reg.index_path.read_bytes()
+    good = reg.index_file.read_bytes()
     corrupt = CORRUPT_INDEXES[kind]
-    reg.index_path.write_bytes(good[: len(good) // 2] if corrupt is None else corrupt)
+    reg.index_file.write_bytes(good[: len(good) // 2] if corrupt is None else corrupt)
     assert len(reg.get_current_sessions()) == 2  # listing never needs the index
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         if next_use == "get_index":
@@ -943,7 +1032,7 @@ def test_corrupt_index_is_rebuilt_with_a_warning(
         elif next_use == "update_activity":
             assert reg.update_activity(iid) is True
         elif next_use == "register":
-            reg.register_session("s1")
+            register(reg, "s1")
         else:
             found = reg.find_session("s2")
             assert found is not None
@@ -959,8 +1048,8 @@ def test_corrupt_index_is_rebuilt_with_a_warning(
 def test_missing_index_is_rebuilt_from_active(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    iid = reg.register_session("s1")
-    reg.index_path.unlink()
+    iid = register(reg, "s1")
+    reg.index_file.unlink()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert reg.get_index()["s1"]["instance_id"] == iid
     assert any("missing" in m for m in warnings_of(caplog))
@@ -971,7 +1060,7 @@ def test_fresh_registry_rebuilds_without_warning(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        iid = reg.register_session("s1")
+        iid = register(reg, "s1")
         assert reg.archive_session(iid)
         assert reg.get_index() == {}
     assert warnings_of(caplog) == []
@@ -1036,7 +1125,7 @@ def _broken_record(kind: str) -> bytes:
 def test_corrupt_record_is_skipped_then_quarantined(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     plant_record(reg, "victim", "sv", hostname="far", pid=1)
     content = CORRUPT_RECORDS[kind]
     (reg.active_dir / "victim.json").write_bytes(
@@ -1060,7 +1149,7 @@ def test_corrupt_record_is_skipped_then_quarantined(
 def test_corrupt_record_found_by_rebuild_is_quarantined(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     (reg.active_dir / "junk.json").write_bytes(b"not json")
     (reg.active_dir / ".dotfile.json").write_bytes(b"ignored: not ours")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -1075,7 +1164,7 @@ def test_corrupt_record_found_by_rebuild_is_quarantined(
 def test_record_that_is_a_directory_is_quarantined(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     (reg.active_dir / "odd.json").mkdir()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert len(reg.get_current_sessions()) == 1
@@ -1090,7 +1179,7 @@ def test_record_that_is_a_directory_is_quarantined(
 def test_unsafe_file_names_in_active_are_quarantined(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     for name in ("CON.json", "a:b.json", "trailing .json"):
         (reg.active_dir / name).write_text("{}", encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -1124,7 +1213,7 @@ def test_register_repairs_an_entry_that_disagrees_with_its_record(
     record["session_id"] = "moved-on"  # behind the index's back
     path.write_text(json.dumps(record), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        mine = reg.register_session("wanted")  # not a conflict: nobody holds it
+        mine = register(reg, "wanted")  # not a conflict: nobody holds it
     assert any("disagrees" in m for m in warnings_of(caplog))
     index = reg.get_index()
     assert index["wanted"]["instance_id"] == mine
@@ -1138,7 +1227,7 @@ def test_register_repairs_an_entry_that_disagrees_with_its_record(
 def test_crash_after_archive_copy_leaves_instance_active(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     hits = []
 
     def crash_on_unlink(path: Path) -> None:
@@ -1164,7 +1253,7 @@ def test_archive_removes_through_the_platform_unlink(
 ) -> None:
     # _platform.unlink retries Windows sharing violations (a lock-free reader
     # holding the record open); once it gives up, nothing is lost.
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     calls: list[str] = []
 
     def still_busy(path: str) -> None:
@@ -1187,7 +1276,7 @@ def test_archive_removes_through_the_platform_unlink(
 def test_crash_before_index_update_is_repaired(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     other = plant_record(reg, "remote-1", "s2", hostname="far", pid=1)
     hits = []
 
@@ -1199,9 +1288,9 @@ def test_crash_before_index_update_is_repaired(
     with pytest.raises(OSError, match="No space"):
         reg.archive_session(iid)
     monkeypatch.undo()
-    assert hits == [reg.index_path]
+    assert hits == [reg.index_file]
     assert not reg.get_session_file_path(iid).exists()
-    assert "s1" in _load(reg.index_path)["sessions"]  # stale
+    assert "s1" in _load(reg.index_file)["sessions"]  # stale
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert set(reg.get_index()) == {"s2"}
     assert any("out of step" in m for m in warnings_of(caplog))
@@ -1212,7 +1301,7 @@ def test_crash_before_index_update_is_repaired(
 def test_record_whose_session_changed_behind_the_index(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    iid = reg.register_session("first")
+    iid = register(reg, "first")
     # register() itself never leaves this (it finishes the archive of the old
     # session, index included, first), but a foreign writer or a hand edit can.
     path = reg.get_session_file_path(iid)
@@ -1416,10 +1505,10 @@ def test_sigkill_at_random_instants_of_changes_is_repaired(tmp_path: Path) -> No
             for name in _listing(directory):
                 if not name.startswith(".tmp-"):
                     assert isinstance(_load(directory / name), dict), name
-        index_before = reg.index_path.read_bytes()
+        index_before = reg.index_file.read_bytes()
         # ...and the next use leaves the registry consistent.
         index = reg.get_index()
-        repaired += reg.index_path.read_bytes() != index_before
+        repaired += reg.index_file.read_bytes() != index_before
         assert bystanders <= {e["instance_id"] for e in index.values()}
         for directory in (reg.registry_dir, reg.active_dir, reg.archive_dir):
             cleanup_orphaned_temp_files(directory, age_hours=0)
@@ -1490,9 +1579,9 @@ class RegistryMachine(RuleBasedStateMachine):
         holder = next((j for j, s in self.model.items() if s == session), None)
         if holder is not None and holder != k:
             with pytest.raises(SessionConflictError):
-                self.reg.register_session(session)
+                register(self.reg, session)
             return
-        assert self.reg.register_session(session) == self.ids[k]
+        assert register(self.reg, session) == self.ids[k]
         if self.model.get(k, session) != session:
             self.archived += 1
         self.model[k] = session
@@ -1512,9 +1601,9 @@ class RegistryMachine(RuleBasedStateMachine):
     def damage_index(self, content: bytes | None) -> None:
         if content is None:
             with contextlib.suppress(FileNotFoundError):
-                self.reg.index_path.unlink()
+                self.reg.index_file.unlink()
         elif self.reg.registry_dir.exists():
-            self.reg.index_path.write_bytes(content)
+            self.reg.index_file.write_bytes(content)
 
     @rule(k=st.integers(0, SIM_INSTANCES - 1))
     def damage_record(self, k: int) -> None:
