@@ -1223,9 +1223,11 @@ class SessionRegistry:
 
         Runs at the start of every change. The index is rewritten if it is
         missing (with records present), corrupt, in the earlier format, or
-        disagrees with the records. Only a corrupt index, or one missing while
-        records exist, is a WARNING: an index out of step is what a crash
-        between two writes, or one of htmlgraph's lock-free tools, leaves.
+        disagrees with the records. A WARNING says why when it was corrupt,
+        missing while records exist, or named other instances or sessions than
+        the records (a crash between two writes, or a tool writing without the
+        lock); timestamps that lag (an interrupted heartbeat, or htmlgraph's
+        own heartbeat, which resets ``created``) are corrected silently.
         """
         records: dict[str, SessionRecord] = {}
         for name in sorted(self._active_names()):
@@ -1246,7 +1248,10 @@ class SessionRegistry:
                 problem,
             )
         elif stored is not None and _membership(stored) != _membership(entries):
-            logger.info("session index %s was out of step with active/; rewritten", self.index_file)
+            logger.warning(
+                "rewrote session index %s: it was out of step with the records in active/",
+                self.index_file,
+            )
         self._put_index(entries, durable=self.durable)
         return _State(entries, records)
 
