@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import multiprocessing as mp
@@ -11,6 +12,7 @@ import pickle
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -312,11 +314,8 @@ def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> N
             except ValueError:
                 bad += 1
                 continue
-            if not isinstance(data, dict):
-                bad += 1
-            elif path == reg.index_file and data.get("version") != "1.0":
-                bad += 1
-            elif path != reg.index_file and data.get("format") != 2:
+            wanted = ("version", "1.0") if path == reg.index_file else ("format", 2)
+            if not isinstance(data, dict) or data.get(wanted[0]) != wanted[1]:
                 bad += 1
             if path == reg.index_file:
                 index_reads += 1
@@ -443,18 +442,6 @@ def test_registry_path_that_is_a_file_raises(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         register(reg, "s1")
     assert (tmp_path / "registry").read_text(encoding="utf-8") == "a file"
-
-
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
-def test_construction_raises_oserror_when_it_cannot_create(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        with pytest.raises(PermissionError):
-            SessionRegistry(locked / "registry")
-    finally:
-        locked.chmod(0o700)
-    assert _listing(locked) == set()
 
 
 def test_construction_raises_oserror_naming_the_path(
@@ -630,7 +617,7 @@ def test_process_start_seconds_matches_the_kernel(tmp_path: Path) -> None:
         started = session_registry._process_start_seconds(proc.pid)
         assert started is not None
         assert abs(started - time.time()) < 60
-        assert started >= session_registry._process_start_seconds(os.getpid())
+        assert started >= (session_registry._process_start_seconds(os.getpid()) or 0)
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
@@ -1700,3 +1687,348 @@ TestRegistryMachine = RegistryMachine.TestCase
 TestRegistryMachine.settings = settings(
     max_examples=40, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
 )
+
+
+# --------------------------------------------------------------------------
+# htmlgraph's own format: read, kept, heartbeated, archived (issue 16)
+# --------------------------------------------------------------------------
+def htmlgraph_record(
+    instance_id: str, session_id: str, moment: datetime, *, pid: object = 4242, host: str = "h"
+) -> dict[str, Any]:
+    """A record as htmlgraph's own tools write it: no format, pid inside "instance"."""
+    return {
+        "instance_id": instance_id,
+        "session_id": session_id,
+        "created": ts(moment),
+        "repo": {"path": "/src/app", "branch": "main", "commit": "d78e458"},
+        "instance": {"pid": pid, "hostname": host, "start_time": ts(moment)},
+        "status": "active",
+        "last_activity": ts(moment),
+    }
+
+
+def write_htmlgraph_registry(registry_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Lay out a registry exactly as htmlgraph's tools leave it (index included)."""
+    (registry_dir / "active").mkdir(parents=True)
+    (registry_dir / "archive").mkdir()
+    sessions = {}
+    for record in records:
+        path = registry_dir / "active" / f"{record['instance_id']}.json"
+        path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        sessions[record["session_id"]] = {
+            "instance_id": record["instance_id"],
+            "created": record["created"],
+            "last_activity": record["last_activity"],
+        }
+    index = {"version": "1.0", "updated_at": records[-1]["created"], "active_sessions": sessions}
+    (registry_dir / ".index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def test_a_registry_written_by_htmlgraph_is_read_and_nothing_is_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.now(timezone.utc)
+    theirs = [
+        htmlgraph_record("inst-4242-h-1767875696", "sess-a", now - timedelta(minutes=5)),
+        htmlgraph_record("inst-4343-h-1767875700", "sess-b", now, pid=4343),
+    ]
+    write_htmlgraph_registry(tmp_path / "registry", theirs)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "registry" / "active").iterdir()}
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        reg = SessionRegistry(tmp_path / "registry")
+        assert sorted(r["session_id"] for r in reg.get_current_sessions()) == ["sess-a", "sess-b"]
+        assert reg.read_session("inst-4242-h-1767875696") == dict(theirs[0])
+        assert reg.get_index() == {
+            r["session_id"]: {
+                "instance_id": r["instance_id"],
+                "created": r["created"],
+                "last_activity": r["last_activity"],
+            }
+            for r in theirs
+        }
+        mine = register(reg, "sess-c")  # a change under the lock: nothing quarantined
+    assert warnings_of(caplog) == []
+    assert _listing(reg.archive_dir) == set()
+    for name, raw in before.items():
+        assert (reg.active_dir / name).read_bytes() == raw  # untouched
+    assert set(reg.get_index()) == {"sess-a", "sess-b", "sess-c"}
+    # Heartbeat one of theirs: every field kept, the time moves, still their shape.
+    assert reg.update_activity("inst-4242-h-1767875696") is True
+    beaten = _load(reg.get_session_file_path("inst-4242-h-1767875696"))
+    assert {k: v for k, v in beaten.items() if k != "last_activity"} == {
+        k: v for k, v in theirs[0].items() if k != "last_activity"
+    }
+    assert beaten["last_activity"] > theirs[0]["last_activity"]
+    assert TIMESTAMP.fullmatch(beaten["last_activity"])
+    # Archive one of theirs: archive/{instance_id}.json.
+    assert reg.archive_session("inst-4343-h-1767875700") is True
+    archived = _load(reg.archive_dir / "inst-4343-h-1767875700.json")
+    assert {k: archived[k] for k in theirs[1]} == theirs[1]
+    assert archived["archive_reason"] == "archived"
+    assert set(reg.get_index()) == {"sess-a", "sess-c"}
+    assert reg.read_session(mine) is not None
+    assert_consistent(reg)
+
+
+@pytest.mark.skipif(_platform.pid_namespace() is None, reason="no pid namespaces here")
+def test_htmlgraph_records_are_never_judged_by_pid_and_reaped_only_when_idle(
+    tmp_path: Path,
+) -> None:
+    # Even a record naming this very host and a dead pid: htmlgraph records
+    # carry no pid namespace, so the pid cannot be judged here (it may be a
+    # container's). Only idle time reaps it.
+    now = datetime.now(timezone.utc)
+    host = _platform.hostname()
+    old = htmlgraph_record(
+        "inst-1-x-1", "s-old", now - timedelta(hours=3), pid=dead_pid(), host=host
+    )
+    new = htmlgraph_record("inst-2-x-2", "s-new", now, pid=dead_pid(), host=host)
+    write_htmlgraph_registry(tmp_path / "registry", [old, new])
+    reg = SessionRegistry(tmp_path / "registry")
+    assert {reg.process_state(r) for r in reg.get_current_sessions()} == {"unknown"}
+    assert reg.reap_stale(max_idle=None) == []
+    assert reg.reap_stale(max_idle=3600) == ["inst-1-x-1"]
+    assert _load(reg.archive_dir / "inst-1-x-1.json")["archive_reason"] == "idle"
+    with pytest.raises(SessionConflictError):
+        register(reg, "s-new")  # cannot be proven gone
+    assert_consistent(reg)
+
+
+def _htmlgraph_style_tool(registry_dir: str, instance_id: str, conn: Connection) -> None:
+    """What htmlgraph's own code does, without a lock: register, beat, archive another."""
+    root = Path(registry_dir)
+    index_file = root / ".index.json"
+
+    def put(path: Path, data: dict[str, Any]) -> None:
+        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(temp, path)
+
+    now = ts(datetime.now(timezone.utc))
+    record = htmlgraph_record(instance_id, "sess-theirs", datetime.now(timezone.utc))
+    put(root / "active" / f"{instance_id}.json", record)
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index["active_sessions"]["sess-theirs"] = {
+        "instance_id": instance_id,
+        "created": now,
+        "last_activity": now,
+    }
+    index["updated_at"] = now
+    put(index_file, index)
+    # Heartbeat and archive what *we* wrote, their way.
+    listed = sorted((root / "active").glob("*.json"))
+    ours = [p for p in listed if json.loads(p.read_text(encoding="utf-8")).get("format") == 2]
+    data = json.loads(ours[0].read_text(encoding="utf-8"))
+    data["last_activity"] = ts(datetime.now(timezone.utc))
+    put(ours[0], data)
+    archived = json.loads(ours[1].read_text(encoding="utf-8"))
+    put(root / "archive" / ours[1].name, archived)
+    ours[1].unlink()
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    del index["active_sessions"][archived["session_id"]]
+    put(index_file, index)
+    conn.send([p.stem for p in ours])
+    conn.close()
+
+
+def test_mixed_use_with_htmlgraph_tools_works_both_ways(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = register(reg, "ours-1")
+    monkeypatch.setattr(session_registry, "_hostname", lambda: "second-host")
+    second = register(reg, "ours-2")
+    monkeypatch.undo()
+    parent, child = mp.Pipe()
+    proc = mp.Process(
+        target=_htmlgraph_style_tool, args=(str(reg.registry_dir), "inst-9-t-9", child)
+    )
+    proc.start()
+    child.close()
+    assert parent.poll(JOIN_TIMEOUT)
+    beaten, archived = parent.recv()
+    proc.join(JOIN_TIMEOUT)
+    assert proc.exitcode == 0
+    assert {beaten, archived} == {first, second}
+    # They heartbeated one of ours and archived the other; we see both changes.
+    assert {r["instance_id"] for r in reg.get_current_sessions()} == {beaten, "inst-9-t-9"}
+    index = reg.get_index()
+    assert set(index) == {"sess-theirs", reg.read_session(beaten)["session_id"]}  # type: ignore[index]
+    assert (reg.archive_dir / f"{archived}.json").is_file()
+    # And we heartbeat and archive theirs.
+    assert reg.update_activity("inst-9-t-9") is True
+    assert reg.archive_session("inst-9-t-9") is True
+    assert _load(reg.archive_dir / "inst-9-t-9.json")["session_id"] == "sess-theirs"
+    assert _listing(reg.archive_dir) == {f"{archived}.json", "inst-9-t-9.json"}
+    assert_consistent(reg)
+
+
+def test_a_registry_in_our_earlier_format_is_read_then_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "registry"
+    (root / "active").mkdir(parents=True)
+    earlier = {
+        "format": 1,
+        "instance_id": "host-77-0123456789abcdef",
+        "session_id": "sess-old",
+        "hostname": "far",
+        "pid": 77,
+        "process_start": None,
+        "pid_namespace": None,
+        "created": "2030-01-01T00:00:00.250000+00:00",
+        "last_activity": "2030-01-01T00:05:00+00:00",
+        "repo": {"path": "/r"},
+        "instance": None,
+    }
+    path = root / "active" / "host-77-0123456789abcdef.json"
+    path.write_text(json.dumps(earlier), encoding="utf-8")
+    index = {
+        "format": 1,
+        "sessions": {
+            "sess-old": {
+                "instance_id": earlier["instance_id"],
+                "created": earlier["created"],
+                "last_activity": earlier["last_activity"],
+            }
+        },
+    }
+    (root / ".index.json").write_text(json.dumps(index), encoding="utf-8")
+    reg = SessionRegistry(root)
+    # Read in today's shape at once, before anything is written.
+    view = reg.read_session("host-77-0123456789abcdef")
+    assert view is not None
+    assert view["created"] == "2030-01-01T00:00:00.250000Z"
+    assert view["last_activity"] == "2030-01-01T00:05:00.000000Z"
+    assert view["status"] == "active"
+    assert view["format"] == 2
+    assert view["repo"] == {"path": "/r"}
+    assert view["instance"] == {"pid": 77, "hostname": "far"}
+    assert json.loads(path.read_text(encoding="utf-8")) == earlier  # reading writes nothing
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        register(reg, "sess-new")  # the first change migrates
+    assert not any("corrupt" in m or "unreadable" in m for m in warnings_of(caplog))
+    assert _load(path) == view
+    assert _listing(reg.archive_dir) == set()
+    assert set(reg.get_index()) == {"sess-old", "sess-new"}
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# Foreign pids: never a crash, never proof of death (issue 11 item 5)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "pid", [1099511627776, 2**31, True, "١٢٣", "12 ", -5, 0, 3.0, None, [1]], ids=repr
+)
+@pytest.mark.parametrize("shape", ["ours", "htmlgraph"])
+def test_a_pid_that_is_not_a_pid_is_unknown_and_never_crashes(
+    reg: SessionRegistry, pid: object, shape: str
+) -> None:
+    mine = register(reg, "mine")
+    now = datetime.now(timezone.utc)
+    if shape == "ours":
+        record = plant_record(reg, "odd-1", "s-odd", last_activity=now - timedelta(days=3))
+        record["pid"] = pid
+    else:
+        record = htmlgraph_record("odd-1", "s-odd", now - timedelta(days=3), pid=pid)
+        record["instance"]["hostname"] = _platform.hostname()
+    reg.get_session_file_path("odd-1").write_text(json.dumps(record), encoding="utf-8")
+    (listed,) = [r for r in reg.get_current_sessions() if r["instance_id"] == "odd-1"]
+    assert reg.process_state(listed) == "unknown"
+    assert reg.reap_stale(max_idle=None) == []  # not proof of death
+    assert reg.read_session("odd-1") is not None
+    assert reg.reap_stale(max_idle=3600) == ["odd-1"]  # idle time still reaps it
+    assert reg.read_session(mine) is not None
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# The one directory fsync (issue 11 item 11)
+# --------------------------------------------------------------------------
+def test_registry_tolerates_a_directory_fsync_that_says_einval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if _platform.IS_WINDOWS:
+        pytest.skip("no directory fsync on Windows")
+    real_fsync = os.fsync
+    refused: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)  # the os module _platform calls
+    reg = SessionRegistry(tmp_path / "a" / "registry")
+    iid = register(reg, "s1")
+    assert reg.update_activity(iid)
+    assert reg.archive_session(iid)
+    assert refused  # the fault was hit, and nothing failed
+    monkeypatch.undo()
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# One id, two processes; htmlgraph's static helpers
+# --------------------------------------------------------------------------
+def test_a_record_of_an_earlier_process_with_our_id_is_archived_not_overwritten(
+    reg: SessionRegistry,
+) -> None:
+    # A pid reused within the same second gives the same id: the record's
+    # start token tells the two processes apart.
+    iid = reg.get_instance_id()
+    plant_record(reg, iid, "s-before", process_start="boot:1", pid=os.getpid())
+    assert register(reg, "s-now") == iid
+    archived = _load(reg.archive_dir / f"{iid}.json")
+    assert (archived["session_id"], archived["archive_reason"]) == ("s-before", "superseded")
+    assert set(reg.get_index()) == {"s-now"}
+    assert_consistent(reg)
+
+
+def test_register_validates_session_ids_as_htmlgraph_documents(reg: SessionRegistry) -> None:
+    for bad in ("", None, 5):
+        with pytest.raises(ValueError, match="session id"):
+            reg.register_session(bad, {}, {})  # type: ignore[arg-type]
+    path = reg.register_session("sess-1", {"path": "/r"}, {"pid": 1, "hostname": "h"})
+    assert path == reg.get_session_file_path(reg.get_instance_id())
+    record = _load(path)
+    assert (record["repo"], record["instance"]) == ({"path": "/r"}, {"pid": 1, "hostname": "h"})
+    # Without instance_info, the instance block describes this process.
+    record = _load(reg.register_session("sess-1"))
+    assert record["repo"] == {}
+    assert record["instance"]["pid"] == os.getpid()
+    assert record["instance"]["hostname"] == session_registry._hostname()
+    assert TIMESTAMP.fullmatch(record["instance"]["start_time"])
+
+
+def test_static_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stamp = SessionRegistry._get_utc_timestamp()
+    assert TIMESTAMP.fullmatch(stamp)
+    moment = datetime(2030, 5, 6, 7, 8, 9, 10, tzinfo=timezone.utc)
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: moment)
+    assert SessionRegistry._get_utc_timestamp() == "2030-05-06T07:08:09.000010Z"
+    target = tmp_path / "x.json"
+    SessionRegistry._write_atomic(target, {"a": {"b": 1}})
+    SessionRegistry._write_atomic(target, {"a": {"b": 2}})
+    assert target.read_text(encoding="utf-8") == '{\n  "a": {\n    "b": 2\n  }\n}\n'
+    assert os.listdir(tmp_path) == ["x.json"]
+    assert SessionRegistry._read_json(target) == {"a": {"b": 2}}
+    assert SessionRegistry._read_json(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{ nope", encoding="utf-8")
+    assert SessionRegistry._read_json(tmp_path / "bad.json") is None
+    (tmp_path / "list.json").write_text("[1]", encoding="utf-8")
+    assert SessionRegistry._read_json(tmp_path / "list.json") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_in_active_never_blocks_a_reader(reg: SessionRegistry) -> None:
+    if sys.platform == "win32":
+        pytest.skip("no FIFOs")
+    register(reg, "s1")
+    os.mkfifo(reg.active_dir / "trap.json")
+    assert [r["session_id"] for r in reg.get_current_sessions()] == ["s1"]
+    assert reg.read_session("trap") is None
+    assert set(reg.get_index()) == {"s1"}  # quarantined under the lock
+    (name,) = _listing(reg.archive_dir)
+    assert name.startswith("trap-")
+    assert name.endswith(".corrupt")

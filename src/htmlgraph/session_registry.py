@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -256,13 +257,14 @@ def _process_start_seconds(pid: int) -> int | None:
     if token is None:
         return None
     try:
-        if _platform.IS_WINDOWS:
+        if sys.platform == "win32":
             return int(token) // 10_000_000 - _FILETIME_EPOCH_OFFSET
         ticks = int(token.rsplit(":", 1)[-1])
         boot = _boot_time()
         if boot is None:
             return None
-        return boot + ticks // os.sysconf("SC_CLK_TCK")
+        hertz: int = os.sysconf("SC_CLK_TCK")
+        return boot + ticks // hertz
     except (ValueError, OSError):
         return None
 
