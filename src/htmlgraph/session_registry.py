@@ -547,14 +547,6 @@ def _parse_index(data: object) -> tuple[dict[str, IndexEntry], bool]:
     return entries, current
 
 
-def _entry_for(record: SessionRecord) -> IndexEntry:
-    return IndexEntry(
-        instance_id=record["instance_id"],
-        created=record["created"],
-        last_activity=record["last_activity"],
-    )
-
-
 def _heartbeat_key(record: SessionRecord) -> tuple[datetime, str]:
     moment = _parse_time(record.get("last_activity")) or datetime.min.replace(tzinfo=timezone.utc)
     return (moment, record["instance_id"])
