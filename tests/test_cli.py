@@ -1081,13 +1081,13 @@ def test_sessions_commands(tmp_path: Path) -> None:
     assert json.loads(run_cli("sessions", "list", "--json", *reg).stdout) == []
 
     registry = SessionRegistry(registry_dir)
-    mine = registry.register_session("session-a", repo={"path": "/repo"})
+    mine = registry.register_session("session-a", {"path": "/repo"}).stem
     # A second instance whose process then dies by SIGKILL.
     script = textwrap.dedent(
         f"""
         import os, signal
         from htmlgraph.session_registry import SessionRegistry
-        print(SessionRegistry({str(registry_dir)!r}).register_session("session-b"), flush=True)
+        print(SessionRegistry({str(registry_dir)!r}).register_session("session-b").stem, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
@@ -1104,11 +1104,30 @@ def test_sessions_commands(tmp_path: Path) -> None:
     listed = json.loads(run_cli("sessions", "list", "--json", *reg).stdout)
     assert sorted(entry["instance_id"] for entry in listed) == sorted([mine, gone])
     table = run_cli("sessions", "list", *reg).stdout.decode().splitlines()
-    assert table[0].split() == ["INSTANCE", "SESSION", "PID", "HOST", "PROCESS", "LAST", "ACTIVITY"]
+    assert table[0].split() == [
+        "INSTANCE",
+        "SESSION",
+        "STATUS",
+        "PID",
+        "HOST",
+        "PROCESS",
+        "CREATED",
+        "LAST_ACTIVITY",
+    ]
     rows = {line.split()[0]: line.split() for line in table[1:]}
-    assert rows[mine][1:5] == ["session-a", str(os.getpid()), rows[mine][3], "alive"]
+    record = registry.read_session(mine)
+    assert record is not None
+    assert rows[mine][1:] == [
+        "session-a",
+        "active",
+        str(os.getpid()),
+        record["hostname"],
+        "alive",
+        record["created"],
+        record["last_activity"],
+    ]
     assert rows[gone][1] == "session-b"
-    assert rows[gone][4] == "gone"
+    assert rows[gone][5] == "gone"
 
     shown = run_cli("sessions", "show", mine, "--json", *reg)
     assert shown.returncode == 0
@@ -1135,12 +1154,12 @@ def test_sessions_commands(tmp_path: Path) -> None:
     assert again.returncode == 1
     assert json.loads(again.stdout) == {"instance_id": mine, "archived": False}
     assert registry.get_current_sessions() == []
-    assert len(os.listdir(registry_dir / "archive")) == 2
+    assert sorted(os.listdir(registry_dir / "archive")) == sorted([f"{gone}.json", f"{mine}.json"])
 
 
 def test_sessions_reap_max_idle(tmp_path: Path) -> None:
     registry_dir = tmp_path / "registry"
-    mine = SessionRegistry(registry_dir).register_session("s")
+    mine = SessionRegistry(registry_dir).register_session("s").stem
     kept = run_cli("sessions", "reap", "--registry", str(registry_dir))
     assert kept.returncode == 0
     assert kept.stdout == b""  # alive and fresh
@@ -1156,6 +1175,42 @@ def test_sessions_default_registry_is_under_cwd(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert json.loads(result.stdout) == []
     assert listing(tmp_path) == []  # reading creates nothing
+
+
+def test_sessions_list_shows_htmlgraph_records_and_odd_pids(tmp_path: Path) -> None:
+    # A record in htmlgraph's own format (pid and host inside "instance"),
+    # and ours with pids that are not pids: listed, never a crash (issue 11).
+    registry = SessionRegistry(tmp_path / "registry")
+    theirs = {
+        "instance_id": "inst-4242-h-1767875696",
+        "session_id": "sess-theirs",
+        "created": SessionRegistry._get_utc_timestamp(),
+        "repo": {},
+        "instance": {"pid": 4242, "hostname": "h", "start_time": "2026-01-08T12:34:56Z"},
+        "status": "active",
+        "last_activity": SessionRegistry._get_utc_timestamp(),
+    }
+    (registry.active_dir / "inst-4242-h-1767875696.json").write_text(json.dumps(theirs))
+    for n, pid in enumerate([1099511627776, True, "\u0661\u0662"]):
+        path = registry.register_session(f"odd-{n}")
+        record = json.loads(path.read_text())
+        record["pid"] = pid
+        target = registry.active_dir / f"odd-{n}.json"
+        target.write_text(json.dumps({**record, "instance_id": f"odd-{n}"}))
+        path.unlink()
+    reg = ["--registry", str(registry.registry_dir)]
+    table = run_cli("sessions", "list", *reg)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line.split() for line in table.stdout.decode().splitlines()[1:]}
+    assert rows["inst-4242-h-1767875696"][1:6] == ["sess-theirs", "active", "4242", "h", "unknown"]
+    for n in range(3):
+        assert rows[f"odd-{n}"][5] == "unknown"
+    reaped = run_cli("sessions", "reap", "--json", *reg)
+    assert reaped.returncode == 0, reaped.stderr
+    assert json.loads(reaped.stdout) == []  # not proof of death
+    shown = run_cli("sessions", "show", "odd-0", *reg)
+    assert shown.returncode == 0
+    assert "process" in shown.stdout.decode()
 
 
 def test_broken_stdout_pipe_is_not_a_traceback(tmp_path: Path) -> None:
@@ -1243,7 +1298,7 @@ def test_main_in_process_tour(
     registry_dir = tmp_path / "registry"
     reg = ["--registry", str(registry_dir)]
     assert cli.main(["sessions", "list", *reg]) == 0
-    mine = SessionRegistry(registry_dir).register_session("s")
+    mine = SessionRegistry(registry_dir).register_session("s").stem
     capsys.readouterr()
     assert cli.main(["sessions", "list", *reg]) == 0
     assert mine in capsys.readouterr().out

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import re
 import shutil
+import socket
+import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +36,8 @@ from htmlgraph.session_registry import MAX_ID_BYTES, SessionConflictError, Sessi
 
 LOGGER = "htmlgraph.session_registry"
 JOIN_TIMEOUT = 120.0
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 UNSAFE_IDS = [
     "",
@@ -74,6 +81,19 @@ def _no_leftover_children() -> Iterator[None]:
 @pytest.fixture
 def reg(tmp_path: Path) -> SessionRegistry:
     return SessionRegistry(tmp_path / "registry")
+
+
+def register(reg: SessionRegistry, session_id: str, **info: Any) -> str:
+    """Register ``session_id`` and return the instance id (the record's file stem)."""
+    path = reg.register_session(session_id, **info)
+    assert path.parent == reg.active_dir
+    assert path.suffix == ".json"
+    return path.stem
+
+
+def ts(moment: datetime) -> str:
+    """``moment`` as htmlgraph writes it: ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _listing(directory: Path) -> set[str]:
@@ -120,14 +140,16 @@ def assert_consistent(
         for iid, r in records.items()
     }
     assert len(expected) == len(records), "two records claim one session"
-    if reg.index_path.exists():
-        index = _load(reg.index_path)
-        assert index["format"] == 1
+    if reg.index_file.exists():
+        index = _load(reg.index_file)
+        assert set(index) == {"version", "updated_at", "active_sessions"}
+        assert index["version"] == "1.0"
+        assert TIMESTAMP.fullmatch(index["updated_at"])
         if not exact_times:
-            for entries in (index["sessions"], expected):
+            for entries in (index["active_sessions"], expected):
                 for entry in entries.values():
                     entry.pop("last_activity")
-        assert index["sessions"] == expected
+        assert index["active_sessions"] == expected
     else:
         assert records == {}
 
@@ -143,32 +165,39 @@ def plant_record(
     pid_namespace: str | None = None,
     last_activity: datetime | None = None,
 ) -> dict[str, Any]:
-    """Write a record as another process would have (and index it consistently)."""
+    """Write a record as another process of this package would have (and index it).
+
+    ``pid_namespace`` defaults to this process's (a record of this host).
+    """
     moment = last_activity or datetime.now(timezone.utc)
+    host = hostname if hostname is not None else session_registry._hostname()
     record: dict[str, Any] = {
-        "format": 1,
         "instance_id": instance_id,
         "session_id": session_id,
-        "hostname": hostname if hostname is not None else session_registry._hostname(),
+        "created": ts(moment),
+        "repo": {},
+        "instance": {"pid": pid, "hostname": host},
+        "status": "active",
+        "last_activity": ts(moment),
+        "format": 2,
+        "hostname": host,
         "pid": pid if pid is not None else os.getpid(),
         "process_start": process_start,
-        "pid_namespace": pid_namespace,
-        "created": moment.isoformat(),
-        "last_activity": moment.isoformat(),
-        "repo": None,
-        "instance": None,
+        "pid_namespace": (
+            pid_namespace if pid_namespace is not None else _platform.pid_namespace()
+        ),
     }
     reg.active_dir.mkdir(parents=True, exist_ok=True)
     (reg.active_dir / f"{instance_id}.json").write_text(json.dumps(record), encoding="utf-8")
-    index: dict[str, Any] = {"format": 1, "sessions": {}}
-    if reg.index_path.exists():
-        index = _load(reg.index_path)
-    index["sessions"][session_id] = {
+    index: dict[str, Any] = {"version": "1.0", "updated_at": ts(moment), "active_sessions": {}}
+    if reg.index_file.exists():
+        index = _load(reg.index_file)
+    index["active_sessions"][session_id] = {
         "instance_id": instance_id,
         "created": record["created"],
         "last_activity": record["last_activity"],
     }
-    reg.index_path.write_text(json.dumps(index), encoding="utf-8")
+    reg.index_file.write_text(json.dumps(index), encoding="utf-8")
     return record
 
 
@@ -206,7 +235,7 @@ def _hold_session(registry_dir: str, session_id: str, conn: Connection) -> None:
     multiprocessing Event leaves the Event's condition broken for everyone.
     """
     reg = SessionRegistry(registry_dir)
-    conn.send(reg.register_session(session_id, repo={"path": "/repo"}))
+    conn.send(register(reg, session_id, repo_info={"path": "/repo"}))
     conn.poll(JOIN_TIMEOUT)
     conn.close()
 
@@ -233,7 +262,7 @@ def _churn_worker(
     reg = SessionRegistry(registry_dir, lock_timeout=60.0)
     barrier.wait(JOIN_TIMEOUT)
     session_id = f"session-{number:02d}"
-    instance_id = reg.register_session(session_id, repo={"n": number}, instance={"agent": "t"})
+    instance_id = register(reg, session_id, repo_info={"n": number}, instance_info={"agent": "t"})
     ok = sum(reg.update_activity(instance_id) for _ in range(heartbeats))
     archived = reg.archive_session(instance_id) if archive else False
     conn.send((session_id, instance_id, ok, archived))
@@ -255,7 +284,7 @@ def _crash_worker(registry_dir: str, conn: Connection) -> None:
     conn.send("ready")
     n = 0
     while True:
-        instance_id = reg.register_session(f"crash-{n % 3}", repo={"n": n})
+        instance_id = register(reg, f"crash-{n % 3}", repo_info={"n": n})
         reg.update_activity(instance_id)
         if n % 2:
             reg.archive_session(instance_id)
@@ -275,7 +304,7 @@ def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> N
                 bad += 1
         listings += 1
         names = [n for n in _listing(reg.active_dir) if not n.startswith(".")]
-        for path in [reg.index_path, *(reg.active_dir / n for n in names)]:
+        for path in [reg.index_file, *(reg.active_dir / n for n in names)]:
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
@@ -285,20 +314,21 @@ def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> N
             except ValueError:
                 bad += 1
                 continue
-            if not isinstance(data, dict) or data.get("format") != 1:
+            wanted = ("version", "1.0") if path == reg.index_file else ("format", 2)
+            if not isinstance(data, dict) or data.get(wanted[0]) != wanted[1]:
                 bad += 1
-            if path == reg.index_path:
+            if path == reg.index_file:
                 index_reads += 1
             else:
                 raw_reads += 1
-        if listings % 20 == 0 and reg.index_path.exists():
+        if listings % 20 == 0 and reg.index_file.exists():
             # Under the shared lock no change is half done: the index
             # matches active/ exactly.
             with reg._shared():
-                index = _load(reg.index_path)
+                index = _load(reg.index_file)
                 names = [n for n in _listing(reg.active_dir) if not n.startswith(".")]
             locked_reads += 1
-            holders = sorted(e["instance_id"] + ".json" for e in index["sessions"].values())
+            holders = sorted(e["instance_id"] + ".json" for e in index["active_sessions"].values())
             if holders != sorted(names):
                 bad += 1
         time.sleep(0.001)  # leave the two cores to the writers
@@ -309,15 +339,40 @@ def _reader(registry_dir: str, ready: Event, stop: Event, conn: Connection) -> N
 # --------------------------------------------------------------------------
 # Construction and paths
 # --------------------------------------------------------------------------
-def test_default_directory_is_under_cwd_and_nothing_is_created(
+def test_default_directory_is_under_cwd_and_created_at_construction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     reg = SessionRegistry()
     assert reg.registry_dir == tmp_path / ".htmlgraph" / "sessions" / "registry"
-    assert reg.active_dir == reg.registry_dir / "active"
-    assert reg.archive_dir == reg.registry_dir / "archive"
-    assert reg.index_path == reg.registry_dir / ".index.json"
+    assert reg.registry_dir == tmp_path / SessionRegistry.DEFAULT_REGISTRY_SUBPATH
+    assert (
+        reg.active_dir
+        == reg.registry_dir / SessionRegistry.ACTIVE_DIR
+        == reg.registry_dir / "active"
+    )
+    assert (
+        reg.archive_dir
+        == reg.registry_dir / "archive"
+        == reg.registry_dir / SessionRegistry.ARCHIVE_DIR
+    )
+    assert (
+        reg.index_file
+        == reg.registry_dir / ".index.json"
+        == reg.registry_dir / SessionRegistry.INDEX_FILE
+    )
+    assert _listing(reg.registry_dir) == {"active", "archive"}
+    assert _listing(reg.active_dir) == _listing(reg.archive_dir) == set()
+    # A second construction on an existing registry is fine and changes nothing.
+    SessionRegistry()
+    assert _listing(reg.registry_dir) == {"active", "archive"}
+
+
+def test_create_false_touches_nothing_until_the_first_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reg = SessionRegistry(create=False)
     assert reg.get_current_sessions() == []
     assert reg.get_index() == {}
     assert reg.read_session(reg.get_instance_id()) is None
@@ -336,7 +391,7 @@ def test_registry_dir_accepts_str_and_path_and_is_made_absolute(
     reg = SessionRegistry(kind("reg"))
     monkeypatch.chdir("/")
     assert reg.registry_dir == tmp_path / "reg"
-    reg.register_session("s1")
+    register(reg, "s1")
     assert (tmp_path / "reg" / "active" / f"{reg.get_instance_id()}.json").is_file()
     assert "reg" in repr(reg)
 
@@ -373,7 +428,7 @@ def test_first_change_creates_the_registry_directories_durably(
 
     monkeypatch.setattr(_platform, "fsync_dir", recording)
     reg = SessionRegistry(tmp_path / "a" / "b" / "registry", durable=durable)
-    reg.register_session("s1")
+    register(reg, "s1")
     parents = [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
     assert synced[:3] == (parents if durable else [])
     assert_consistent(reg)
@@ -381,19 +436,41 @@ def test_first_change_creates_the_registry_directories_durably(
 
 def test_registry_path_that_is_a_file_raises(tmp_path: Path) -> None:
     (tmp_path / "registry").write_text("a file", encoding="utf-8")
-    reg = SessionRegistry(tmp_path / "registry")
     with pytest.raises(FileExistsError):
-        reg.register_session("s1")
+        SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
+    with pytest.raises(FileExistsError):
+        register(reg, "s1")
     assert (tmp_path / "registry").read_text(encoding="utf-8") == "a file"
 
 
+def test_construction_raises_oserror_naming_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root ignores permissions, so the refusal is injected at the one mkdir.
+    real = Path.mkdir
+    calls: list[Path] = []
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> None:
+        calls.append(self)
+        if self.name == "archive":
+            raise PermissionError(13, "Permission denied", str(self))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(PermissionError) as info:
+        SessionRegistry(tmp_path / "registry")
+    assert info.value.filename == str(tmp_path / "registry" / "archive")
+    assert calls[-1].name == "archive"
+
+
 def _register_from_pickle(reg: SessionRegistry, conn: Connection) -> None:
-    conn.send(reg.register_session("from-child"))
+    conn.send(register(reg, "from-child"))
     conn.close()
 
 
 def test_registry_pickles_to_another_process(reg: SessionRegistry) -> None:
-    reg.register_session("s1")  # the parent's locker exists now
+    register(reg, "s1")  # the parent's locker exists now
     clone = pickle.loads(pickle.dumps(reg))
     assert (clone.registry_dir, clone.lock_timeout, clone.durable) == (
         reg.registry_dir,
@@ -414,9 +491,9 @@ def test_registry_pickles_to_another_process(reg: SessionRegistry) -> None:
 
 
 def test_get_session_file_path(reg: SessionRegistry) -> None:
-    path = reg.get_session_file_path("host-1-abc")
-    assert path == reg.active_dir / "host-1-abc.json"
-    assert not reg.registry_dir.exists()
+    path = reg.get_session_file_path("inst-1-host-99")
+    assert path == reg.active_dir / "inst-1-host-99.json"
+    assert not path.exists()  # no existence check
 
 
 # --------------------------------------------------------------------------
@@ -435,7 +512,7 @@ def test_get_session_file_path(reg: SessionRegistry) -> None:
     ],
 )
 def test_unsafe_ids_raise_value_error_naming_the_id(tmp_path: Path, method: str, bad: str) -> None:
-    reg = SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
     with pytest.raises(ValueError, match="unsafe") as info:
         getattr(reg, method)(bad)
     shown = repr(bad)
@@ -448,15 +525,16 @@ def test_unsafe_ids_raise_value_error_naming_the_id(tmp_path: Path, method: str,
     "method", ["register_session", "read_session", "update_activity", "archive_session"]
 )
 def test_non_string_ids_raise_type_error(tmp_path: Path, method: str, bad: object) -> None:
-    reg = SessionRegistry(tmp_path / "registry")
-    with pytest.raises(TypeError, match="must be a str"):
+    reg = SessionRegistry(tmp_path / "registry", create=False)
+    with pytest.raises(TypeError, match="must be a str") as info:
         getattr(reg, method)(bad)
+    assert isinstance(info.value, ValueError)  # htmlgraph documents ValueError
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("good", SAFE_IDS)
 def test_safe_session_ids_are_accepted(reg: SessionRegistry, good: str) -> None:
-    iid = reg.register_session(good)
+    iid = register(reg, good)
     record = reg.read_session(iid)
     assert record is not None
     assert record["session_id"] == good
@@ -478,18 +556,18 @@ def test_safe_session_ids_are_accepted(reg: SessionRegistry, good: str) -> None:
 def test_register_rejects_bad_info_before_touching_disk(
     tmp_path: Path, repo: Any, instance: Any, error: type[Exception]
 ) -> None:
-    reg = SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
     with pytest.raises(error, match=r"repo|instance"):
-        reg.register_session("s1", repo=repo, instance=instance)
+        register(reg, "s1", repo_info=repo, instance_info=instance)
     assert os.listdir(tmp_path) == []
 
 
 def test_circular_info_is_rejected(tmp_path: Path) -> None:
     loop: dict[str, object] = {}
     loop["self"] = loop
-    reg = SessionRegistry(tmp_path / "registry")
+    reg = SessionRegistry(tmp_path / "registry", create=False)
     with pytest.raises(ValueError, match="instance"):
-        reg.register_session("s1", instance=loop)
+        register(reg, "s1", instance_info=loop)
     assert os.listdir(tmp_path) == []
 
 
@@ -497,7 +575,7 @@ def test_circular_info_is_rejected(tmp_path: Path) -> None:
 def test_reap_rejects_bad_max_idle(
     reg: SessionRegistry, max_idle: Any, error: type[Exception]
 ) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     with pytest.raises(error, match="max_idle"):
         reg.reap_stale(max_idle=max_idle)
     assert reg.read_session(reg.get_instance_id()) is not None
@@ -506,45 +584,74 @@ def test_reap_rejects_bad_max_idle(
 # --------------------------------------------------------------------------
 # Instance ids
 # --------------------------------------------------------------------------
-def test_instance_id_is_stable_safe_and_names_host_and_pid(
+def test_instance_id_is_inst_pid_hostname_start(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(session_registry, "_hostname", lambda: "build.example.com")
+    host = socket.gethostname()
     iid = reg.get_instance_id()
-    assert iid == reg.get_instance_id() == SessionRegistry(Path("elsewhere")).get_instance_id()
+    assert (
+        iid
+        == reg.get_instance_id()
+        == SessionRegistry(Path("elsewhere"), create=False).get_instance_id()
+    )
+    prefix = f"inst-{os.getpid()}-{host}-"
+    assert iid.startswith(prefix)
+    start = iid[len(prefix) :]
+    assert start.isdigit()
     assert session_registry._id_problem(iid) is None
-    assert iid.startswith(f"build_example_com-{os.getpid()}-")
-    assert len(iid.rsplit("-", 1)[1]) == 16
+    if session_registry._process_start_seconds(os.getpid()) is not None:
+        # The process start time, not the clock at the first call.
+        assert int(start) == session_registry._process_start_seconds(os.getpid())
+        assert int(start) <= int(time.time())
+        monkeypatch.setattr(session_registry, "_instance_cache", None)
+        monkeypatch.setattr(time, "time", lambda: 4_000_000_000.0)
+        assert reg.get_instance_id() == iid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_process_start_seconds_matches_the_kernel(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        started = session_registry._process_start_seconds(proc.pid)
+        assert started is not None
+        assert abs(started - time.time()) < 60
+        assert started >= (session_registry._process_start_seconds(os.getpid()) or 0)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(JOIN_TIMEOUT) == 0
 
 
 def test_instance_ids_differ_across_simulated_hosts(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = {}
-    for host in ["host-a", "host-b", "db.example.com", "db_example_com", "", "ünïcode/host"]:
+    hosts = [
+        "host-a",
+        "db.example.com",
+        "db_example_com",
+        "",
+        "ünïcode/host",
+        "ünïcode_host",
+        "tab\there",
+        "x" * 253,
+    ]
+    for host in hosts:
         monkeypatch.setattr(session_registry, "_hostname", lambda host=host: host)
         iid = reg.get_instance_id()
         assert session_registry._id_problem(iid) is None, iid
         seen[host] = iid
     assert len(set(seen.values())) == len(seen)
-    # Same readable prefix, different hosts: the digest tells them apart.
-    assert seen["db.example.com"].split("-")[0] == seen["db_example_com"].split("-")[0]
+    # Safe host names are kept as they are; only unsafe ones are changed.
+    for host in ("host-a", "db.example.com", "db_example_com", "ünïcode_host"):
+        assert f"-{host}-" in seen[host]
+    assert "/" not in seen["ünïcode/host"]
+    assert seen["ünïcode/host"].startswith(f"inst-{os.getpid()}-ünïcode_host~")
 
 
-def test_instance_id_changes_when_the_pid_is_reused(
-    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Same host, same pid, another process: its start token differs.
-    monkeypatch.setattr(session_registry, "_own_start_token", lambda pid: "boot:1000")
-    first = reg.get_instance_id()
-    monkeypatch.setattr(session_registry, "_instance_cache", None)
-    assert reg.get_instance_id() == first  # deterministic for one process
-    monkeypatch.setattr(session_registry, "_instance_cache", None)
-    monkeypatch.setattr(session_registry, "_own_start_token", lambda pid: "boot:2000")
-    assert reg.get_instance_id() != first
-
-
-def test_instance_id_without_start_token_uses_a_per_process_random(
+def test_instance_id_without_start_time_uses_the_import_time(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
@@ -553,14 +660,10 @@ def test_instance_id_without_start_token_uses_a_per_process_random(
         calls.append(pid)
 
     monkeypatch.setattr(session_registry, "_own_start_token", no_token)
-    monkeypatch.setattr(session_registry, "_fallback_token", None)
-    first = reg.get_instance_id()
+    iid = reg.get_instance_id()
     assert calls == [os.getpid()]
-    assert reg.get_instance_id() == first
-    # A new process that got the same pid draws a new random value.
-    monkeypatch.setattr(session_registry, "_instance_cache", None)
-    monkeypatch.setattr(session_registry, "_fallback_token", None)
-    assert reg.get_instance_id() != first
+    assert iid.endswith(f"-{session_registry._IMPORT_SECONDS}")
+    assert reg.get_instance_id() == iid
 
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs os.fork")
@@ -591,11 +694,28 @@ def test_instance_id_is_recomputed_in_a_forked_child(reg: SessionRegistry) -> No
 def test_register_writes_record_and_index(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    iid = reg.register_session("s1", repo={"path": "/r", "branch": "main"}, instance={"a": 1})
+    iid = register(reg, "s1", repo_info={"path": "/r", "branch": "main"}, instance_info={"a": 1})
     assert iid == reg.get_instance_id()
     record = reg.read_session(iid)
     assert record is not None
-    assert record["format"] == 1
+    # htmlgraph's fields first, in its order; ours beside them.
+    assert list(record) == [
+        "instance_id",
+        "session_id",
+        "created",
+        "repo",
+        "instance",
+        "status",
+        "last_activity",
+        "format",
+        "hostname",
+        "pid",
+        "process_start",
+        "pid_namespace",
+    ]
+    assert record["format"] == 2
+    assert record["status"] == "active"
+    assert TIMESTAMP.fullmatch(record["created"])
     assert record["instance_id"] == iid
     assert record["session_id"] == "s1"
     assert record["pid"] == os.getpid()
@@ -619,25 +739,24 @@ def test_register_again_same_session_keeps_created(
 ) -> None:
     t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1", repo={"v": 1})
+    iid = register(reg, "s1", repo_info={"v": 1})
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0 + timedelta(seconds=5))
-    assert reg.register_session("s1", repo={"v": 2}) == iid
+    assert register(reg, "s1", repo_info={"v": 2}) == iid
     record = reg.read_session(iid)
     assert record is not None
-    assert record["created"] == t0.isoformat()
-    assert record["last_activity"] == (t0 + timedelta(seconds=5)).isoformat()
+    assert record["created"] == ts(t0) == "2030-01-01T00:00:00.000000Z"
+    assert record["last_activity"] == ts(t0 + timedelta(seconds=5))
     assert record["repo"] == {"v": 2}
     assert _listing(reg.archive_dir) == set()
     assert_consistent(reg)
 
 
 def test_register_with_new_session_archives_the_previous_one(reg: SessionRegistry) -> None:
-    iid = reg.register_session("old")
-    reg.register_session("new")
+    iid = register(reg, "old")
+    register(reg, "new")
     assert set(reg.get_index()) == {"new"}
-    (archived,) = _listing(reg.archive_dir)
-    assert archived.startswith(f"{iid}-")
-    data = _load(reg.archive_dir / archived)
+    assert _listing(reg.archive_dir) == {f"{iid}.json"}
+    data = _load(reg.archive_dir / f"{iid}.json")
     assert data["session_id"] == "old"
     assert data["archive_reason"] == "re-registered"
     assert reg.find_session("old") is None
@@ -646,7 +765,7 @@ def test_register_with_new_session_archives_the_previous_one(reg: SessionRegistr
 
 def test_read_session_missing_is_none(reg: SessionRegistry) -> None:
     assert reg.read_session("nobody") is None
-    reg.register_session("s1")
+    register(reg, "s1")
     assert reg.read_session("nobody") is None
 
 
@@ -655,20 +774,20 @@ def test_update_activity_advances_record_and_index(
 ) -> None:
     t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0 + timedelta(minutes=3))
     assert reg.update_activity(iid) is True
     record = reg.read_session(iid)
     assert record is not None
-    assert record["created"] == t0.isoformat()
-    assert record["last_activity"] == (t0 + timedelta(minutes=3)).isoformat()
+    assert record["created"] == ts(t0)
+    assert record["last_activity"] == ts(t0 + timedelta(minutes=3))
     assert reg.get_index()["s1"]["last_activity"] == record["last_activity"]
     assert_consistent(reg)
 
 
 def test_update_activity_of_unknown_or_archived_instance_is_false(reg: SessionRegistry) -> None:
     assert reg.update_activity("nobody") is False
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     assert reg.archive_session(iid) is True
     assert reg.update_activity(iid) is False
     assert not reg.get_session_file_path(iid).exists()  # not resurrected
@@ -678,33 +797,40 @@ def test_update_activity_of_unknown_or_archived_instance_is_false(reg: SessionRe
 def test_archive_session(reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     t0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
     monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1", repo={"r": 1})
+    iid = register(reg, "s1", repo_info={"r": 1})
     before = reg.read_session(iid)
     assert reg.archive_session(iid) is True
     assert reg.read_session(iid) is None
     assert reg.get_current_sessions() == []
     assert reg.get_index() == {}
     assert _listing(reg.active_dir) == set()
-    assert _listing(reg.archive_dir) == {f"{iid}-20300102T030405678901Z.json"}
-    data = _load(reg.archive_dir / f"{iid}-20300102T030405678901Z.json")
-    assert data == {**dict(before or {}), "archived": t0.isoformat(), "archive_reason": "archived"}
+    assert _listing(reg.archive_dir) == {f"{iid}.json"}
+    data = _load(reg.archive_dir / f"{iid}.json")
+    assert data == {**dict(before or {}), "archived": ts(t0), "archive_reason": "archived"}
+    assert data["archived"] == "2030-01-02T03:04:05.678901Z"
     assert reg.archive_session(iid) is False
     assert_consistent(reg)
 
 
-def test_archiving_twice_in_one_microsecond_keeps_both(
-    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    monkeypatch.setattr(session_registry, "_utcnow", lambda: t0)
-    iid = reg.register_session("s1")
+def test_a_second_archive_keeps_the_first_under_another_name(reg: SessionRegistry) -> None:
+    iid = register(reg, "s1", repo_info={"n": 1})
     assert reg.archive_session(iid)
-    reg.register_session("s1")
-    assert reg.archive_session(iid)
-    assert _listing(reg.archive_dir) == {
-        f"{iid}-20300101T000000000000Z.json",
-        f"{iid}-20300101T000000000000Z-1.json",
-    }
+    first = (reg.archive_dir / f"{iid}.json").read_bytes()
+    stamp = datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp()
+    os.utime(reg.archive_dir / f"{iid}.json", (stamp, stamp))
+    names = []
+    for n in (2, 3):
+        register(reg, "s1", repo_info={"n": n})
+        assert reg.archive_session(iid)
+        names.append(_listing(reg.archive_dir))
+    # The latest is always archive/{id}.json; earlier ones are moved aside,
+    # named by when they were archived (their mtime), never overwritten.
+    assert names[0] == {f"{iid}.json", f"{iid}-20300101T000000000000Z.json"}
+    assert (reg.archive_dir / f"{iid}-20300101T000000000000Z.json").read_bytes() == first
+    assert len(names[1]) == 3
+    repos = sorted(_load(reg.archive_dir / n)["repo"]["n"] for n in names[1])
+    assert repos == [1, 2, 3]
+    assert _load(reg.archive_dir / f"{iid}.json")["repo"] == {"n": 3}
     assert_consistent(reg)
 
 
@@ -719,7 +845,7 @@ def test_get_current_sessions_sorted_and_ignores_temps(reg: SessionRegistry) -> 
 
 
 def test_find_session(reg: SessionRegistry) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     plant_record(reg, "other-1", "s2", hostname="elsewhere", pid=1)
     found = reg.find_session("s1")
     assert found is not None
@@ -731,7 +857,7 @@ def test_find_session(reg: SessionRegistry) -> None:
 
 
 def test_threads_sharing_one_registry_lose_no_heartbeat(reg: SessionRegistry) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     errors: list[BaseException] = []
     results: list[bool] = []
 
@@ -758,15 +884,15 @@ def test_threads_sharing_one_registry_lose_no_heartbeat(reg: SessionRegistry) ->
 # --------------------------------------------------------------------------
 def test_changes_wait_for_the_lock_and_time_out(tmp_path: Path) -> None:
     reg = SessionRegistry(tmp_path / "registry", lock_timeout=0.2)
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     before = reg.get_session_file_path(iid).read_bytes()
-    index_before = reg.index_path.read_bytes()
+    index_before = reg.index_file.read_bytes()
     holder = DirectoryLocker(reg.lock_dir)
     with holder.exclusive(timeout=5):
         with pytest.raises(LockTimeout):
             reg.update_activity(iid)
         with pytest.raises(LockTimeout):
-            reg.register_session("s2")
+            register(reg, "s2")
         with pytest.raises(LockTimeout):
             reg.archive_session(iid)
         with pytest.raises(LockTimeout):
@@ -777,7 +903,7 @@ def test_changes_wait_for_the_lock_and_time_out(tmp_path: Path) -> None:
         assert reg.read_session(iid) is not None
         assert len(reg.get_current_sessions()) == 1
     assert reg.get_session_file_path(iid).read_bytes() == before
-    assert reg.index_path.read_bytes() == index_before
+    assert reg.index_file.read_bytes() == index_before
     assert reg.update_activity(iid) is True
     assert_consistent(reg)
 
@@ -794,7 +920,7 @@ def test_every_change_holds_the_exclusive_lock(
         real(path, data, **kwargs)
 
     monkeypatch.setattr(session_registry, "atomic_json_write", probing_write)
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     reg.update_activity(iid)
     reg.archive_session(iid)
     assert probes == [False, False, False]
@@ -805,7 +931,7 @@ def test_every_change_holds_the_exclusive_lock(
 # Reaping
 # --------------------------------------------------------------------------
 def test_reap_archives_dead_and_pid_reused_instances_only(reg: SessionRegistry) -> None:
-    mine = reg.register_session("mine")
+    mine = register(reg, "mine")
     plant_record(reg, "dead-1", "s-dead", pid=dead_pid())
     plant_record(reg, "remote-1", "s-remote", hostname="another-host", pid=dead_pid())
     expected = ["dead-1"]
@@ -828,7 +954,7 @@ def test_reap_archives_idle_instances_on_any_host(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = datetime.now(timezone.utc)
-    mine = reg.register_session("mine")
+    mine = register(reg, "mine")
     plant_record(
         reg, "remote-old", "s1", hostname="far", pid=7, last_activity=now - timedelta(hours=2)
     )
@@ -846,7 +972,7 @@ def test_reap_archives_idle_instances_on_any_host(
 
 
 def test_reap_removes_orphaned_temp_files(reg: SessionRegistry) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     orphan = reg.active_dir / f".tmp-{dead_pid()}-0123456789abcdef-x.json"
     orphan.write_text("{", encoding="utf-8")
     old = time.time() - 2 * 3600
@@ -864,7 +990,7 @@ def test_session_conflict_with_live_holder_then_takeover(reg: SessionRegistry) -
     proc, pipe, holder = start_holder(reg.registry_dir, "shared")
     try:
         with pytest.raises(SessionConflictError) as info:
-            reg.register_session("shared")
+            register(reg, "shared")
         err = info.value
         assert isinstance(err, ValueError)
         assert (err.session_id, err.instance_id) == ("shared", holder)
@@ -878,7 +1004,7 @@ def test_session_conflict_with_live_holder_then_takeover(reg: SessionRegistry) -
         proc.join(JOIN_TIMEOUT)
     assert proc.exitcode == 0
     # The holder is gone now: the session is taken over, its record archived.
-    mine = reg.register_session("shared")
+    mine = register(reg, "shared")
     assert reg.get_index()["shared"]["instance_id"] == mine
     (name,) = _listing(reg.archive_dir)
     data = _load(reg.archive_dir / name)
@@ -889,7 +1015,7 @@ def test_session_conflict_with_live_holder_then_takeover(reg: SessionRegistry) -
 def test_session_held_on_another_host_is_a_conflict(reg: SessionRegistry) -> None:
     plant_record(reg, "remote-1", "s1", hostname="another-host", pid=dead_pid())
     with pytest.raises(SessionConflictError):
-        reg.register_session("s1")
+        register(reg, "s1")
     assert_consistent(reg)
 
 
@@ -902,11 +1028,15 @@ CORRUPT_INDEXES = {
     "garbage": b"\x00\xff\xfegarbage{{{",
     "not-utf8": b'{"format": 1, "sessions": {"\xff": {}}}',
     "a-list": b"[1, 2, 3]",
+    "deep": b"[" * 100000,
     "no-format": b'{"sessions": {}}',
     "format-string": b'{"format": "1", "sessions": {}}',
     "sessions-list": b'{"format": 1, "sessions": []}',
     "entry-not-object": b'{"format": 1, "sessions": {"s": 5}}',
     "instance-int": b'{"format": 1, "sessions": {"s": {"instance_id": 5, "created": "x"}}}',
+}
+# Readable, but naming other sessions or instances than the records: rewritten.
+STALE_INDEXES = {
     "bad-time": (
         b'{"format": 1, "sessions": {"s": {"instance_id": "i", "created": "yesterday",'
         b' "last_activity": "now"}}}'
@@ -915,7 +1045,6 @@ CORRUPT_INDEXES = {
         b'{"format": 1, "sessions": {"../x": {"instance_id": "i",'
         b' "created": "2030-01-01T00:00:00+00:00", "last_activity": "2030-01-01T00:00:00+00:00"}}}'
     ),
-    "deep": b"[" * 100000,
     "two-sessions-one-instance": (
         b'{"format": 1, "sessions": {'
         b'"s1": {"instance_id": "i", "created": "2030-01-01T00:00:00+00:00",'
@@ -926,16 +1055,16 @@ CORRUPT_INDEXES = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(CORRUPT_INDEXES))
+@pytest.mark.parametrize("kind", sorted(CORRUPT_INDEXES) + sorted(STALE_INDEXES))
 @pytest.mark.parametrize("next_use", ["get_index", "update_activity", "register", "find"])
 def test_corrupt_index_is_rebuilt_with_a_warning(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture, kind: str, next_use: str
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     plant_record(reg, "remote-1", "s2", hostname="far", pid=1)
-    good = reg.index_path.read_bytes()
-    corrupt = CORRUPT_INDEXES[kind]
-    reg.index_path.write_bytes(good[: len(good) // 2] if corrupt is None else corrupt)
+    good = reg.index_file.read_bytes()
+    corrupt = CORRUPT_INDEXES[kind] if kind in CORRUPT_INDEXES else STALE_INDEXES[kind]
+    reg.index_file.write_bytes(good[: len(good) // 2] if corrupt is None else corrupt)
     assert len(reg.get_current_sessions()) == 2  # listing never needs the index
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         if next_use == "get_index":
@@ -943,12 +1072,15 @@ def test_corrupt_index_is_rebuilt_with_a_warning(
         elif next_use == "update_activity":
             assert reg.update_activity(iid) is True
         elif next_use == "register":
-            reg.register_session("s1")
+            register(reg, "s1")
         else:
             found = reg.find_session("s2")
             assert found is not None
             assert found["instance_id"] == "remote-1"
-    assert any("rebuilt session index" in m and "corrupt" in m for m in warnings_of(caplog))
+    if kind in CORRUPT_INDEXES:
+        assert any("rebuilt session index" in m and "corrupt" in m for m in warnings_of(caplog))
+    else:
+        assert any("out of step" in m for m in warnings_of(caplog))
     assert_consistent(reg)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -959,8 +1091,8 @@ def test_corrupt_index_is_rebuilt_with_a_warning(
 def test_missing_index_is_rebuilt_from_active(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    iid = reg.register_session("s1")
-    reg.index_path.unlink()
+    iid = register(reg, "s1")
+    reg.index_file.unlink()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert reg.get_index()["s1"]["instance_id"] == iid
     assert any("missing" in m for m in warnings_of(caplog))
@@ -971,7 +1103,7 @@ def test_fresh_registry_rebuilds_without_warning(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        iid = reg.register_session("s1")
+        iid = register(reg, "s1")
         assert reg.archive_session(iid)
         assert reg.get_index() == {}
     assert warnings_of(caplog) == []
@@ -983,6 +1115,13 @@ CORRUPT_RECORDS = {
     "empty": b"",
     "garbage": b"\x89PNG\r\n\x1a\n",
     "a-list": b"[]",
+    "not-utf8": b'{"session_id": "\xff"}',
+    "no-session": b'{"instance_id": "victim", "status": "active"}',
+    "session-int": b'{"instance_id": "victim", "session_id": 5}',
+    "session-empty": b'{"instance_id": "victim", "session_id": ""}',
+}
+# Odd but readable: another tool's record, kept, listed, never judged dead.
+ODD_RECORDS = {
     "pid-string": None,  # a valid record with one wrong type, built below
     "pid-zero": None,
     "no-format": None,
@@ -1036,20 +1175,20 @@ def _broken_record(kind: str) -> bytes:
 def test_corrupt_record_is_skipped_then_quarantined(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     plant_record(reg, "victim", "sv", hostname="far", pid=1)
     content = CORRUPT_RECORDS[kind]
-    (reg.active_dir / "victim.json").write_bytes(
-        _broken_record(kind) if content is None else content
-    )
+    (reg.active_dir / "victim.json").write_bytes(content)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert [r["instance_id"] for r in reg.get_current_sessions()] == [iid]
         assert reg.read_session("victim") is None
-    assert sum("corrupt session record" in m for m in warnings_of(caplog)) == 2
+    assert sum("unreadable session record" in m for m in warnings_of(caplog)) == 2
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert reg.update_activity("victim") is False
-    assert any("moved corrupt session record" in m for m in warnings_of(caplog))
+    assert any("moved unreadable session record" in m for m in warnings_of(caplog))
+    (quarantined,) = _listing(reg.archive_dir)
+    assert (reg.archive_dir / quarantined).read_bytes() == content  # moved, not lost
     assert set(reg.get_index()) == {"s1"}
     (quarantined,) = _listing(reg.archive_dir)
     assert quarantined.startswith("victim-")
@@ -1060,14 +1199,13 @@ def test_corrupt_record_is_skipped_then_quarantined(
 def test_corrupt_record_found_by_rebuild_is_quarantined(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     (reg.active_dir / "junk.json").write_bytes(b"not json")
     (reg.active_dir / ".dotfile.json").write_bytes(b"ignored: not ours")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert set(reg.get_index()) == {"s1"}
     messages = warnings_of(caplog)
-    assert any("moved corrupt" in m for m in messages)
-    assert any("out of step" in m for m in messages)
+    assert any("moved unreadable" in m for m in messages)
     (reg.active_dir / ".dotfile.json").unlink()
     assert_consistent(reg, allow_corrupt=True)
 
@@ -1075,7 +1213,7 @@ def test_corrupt_record_found_by_rebuild_is_quarantined(
 def test_record_that_is_a_directory_is_quarantined(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reg.register_session("s1")
+    register(reg, "s1")
     (reg.active_dir / "odd.json").mkdir()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert len(reg.get_current_sessions()) == 1
@@ -1087,32 +1225,39 @@ def test_record_that_is_a_directory_is_quarantined(
     assert_consistent(reg, allow_corrupt=True)
 
 
-def test_unsafe_file_names_in_active_are_quarantined(
-    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
-) -> None:
-    reg.register_session("s1")
-    for name in ("CON.json", "a:b.json", "trailing .json"):
-        (reg.active_dir / name).write_text("{}", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert set(reg.get_index()) == {"s1"}
-    assert sum("unsafe file name" in m for m in warnings_of(caplog)) == 3
-    assert len([n for n in _listing(reg.archive_dir) if n.endswith(".corrupt")]) == 3
-    assert_consistent(reg, allow_corrupt=True)
+def test_odd_file_names_in_active_are_records_like_any_other(reg: SessionRegistry) -> None:
+    # Another tool may name its records as it likes: readable means kept.
+    register(reg, "s1")
+    for n, name in enumerate(("CON", "a:b", "trailing ")):
+        now = ts(datetime.now(timezone.utc))
+        record = {
+            "instance_id": name,
+            "session_id": f"odd-{n}",
+            "created": now,
+            "last_activity": now,
+        }
+        (reg.active_dir / f"{name}.json").write_text(json.dumps(record), encoding="utf-8")
+    assert set(reg.get_index()) == {"s1", "odd-0", "odd-1", "odd-2"}
+    assert len(reg.get_current_sessions()) == 4
+    assert _listing(reg.archive_dir) == set()
+    assert_consistent(reg)
 
 
-def test_two_records_claiming_one_session_keep_the_newest(
-    reg: SessionRegistry, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_two_records_claiming_one_session_are_both_kept(reg: SessionRegistry) -> None:
+    # htmlgraph's own tools let two instances claim one session: neither is
+    # archived (either may be alive); the index names the newest heartbeat,
+    # and keeps naming whichever it named as long as that record exists.
     now = datetime.now(timezone.utc)
     plant_record(reg, "old-1", "s1", hostname="far", pid=1, last_activity=now)
     plant_record(reg, "new-1", "s1", hostname="far", pid=2, last_activity=now + timedelta(1))
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert reg.get_index()["s1"]["instance_id"] == "new-1"
-    assert any("both claim session" in m for m in warnings_of(caplog))
-    (name,) = _listing(reg.archive_dir)
-    data = _load(reg.archive_dir / name)
-    assert (data["instance_id"], data["archive_reason"]) == ("old-1", "superseded")
-    assert_consistent(reg)
+    reg.index_file.unlink()
+    assert reg.get_index()["s1"]["instance_id"] == "new-1"
+    assert reg.update_activity("old-1") is True
+    assert reg.get_index()["s1"]["instance_id"] == "new-1"
+    assert {r["instance_id"] for r in reg.get_current_sessions()} == {"old-1", "new-1"}
+    assert _listing(reg.archive_dir) == set()
+    assert reg.archive_session("new-1") is True
+    assert reg.get_index()["s1"]["instance_id"] == "old-1"
 
 
 def test_register_repairs_an_entry_that_disagrees_with_its_record(
@@ -1124,8 +1269,8 @@ def test_register_repairs_an_entry_that_disagrees_with_its_record(
     record["session_id"] = "moved-on"  # behind the index's back
     path.write_text(json.dumps(record), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        mine = reg.register_session("wanted")  # not a conflict: nobody holds it
-    assert any("disagrees" in m for m in warnings_of(caplog))
+        mine = register(reg, "wanted")  # not a conflict: nobody holds it
+    assert any("out of step" in m for m in warnings_of(caplog))
     index = reg.get_index()
     assert index["wanted"]["instance_id"] == mine
     assert index["moved-on"]["instance_id"] == "remote-1"
@@ -1138,7 +1283,7 @@ def test_register_repairs_an_entry_that_disagrees_with_its_record(
 def test_crash_after_archive_copy_leaves_instance_active(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     hits = []
 
     def crash_on_unlink(path: Path) -> None:
@@ -1164,7 +1309,7 @@ def test_archive_removes_through_the_platform_unlink(
 ) -> None:
     # _platform.unlink retries Windows sharing violations (a lock-free reader
     # holding the record open); once it gives up, nothing is lost.
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     calls: list[str] = []
 
     def still_busy(path: str) -> None:
@@ -1187,7 +1332,7 @@ def test_archive_removes_through_the_platform_unlink(
 def test_crash_before_index_update_is_repaired(
     reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    iid = reg.register_session("s1")
+    iid = register(reg, "s1")
     other = plant_record(reg, "remote-1", "s2", hostname="far", pid=1)
     hits = []
 
@@ -1199,9 +1344,9 @@ def test_crash_before_index_update_is_repaired(
     with pytest.raises(OSError, match="No space"):
         reg.archive_session(iid)
     monkeypatch.undo()
-    assert hits == [reg.index_path]
+    assert hits == [reg.index_file]
     assert not reg.get_session_file_path(iid).exists()
-    assert "s1" in _load(reg.index_path)["sessions"]  # stale
+    assert "s1" in _load(reg.index_file)["active_sessions"]  # stale
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert set(reg.get_index()) == {"s2"}
     assert any("out of step" in m for m in warnings_of(caplog))
@@ -1212,7 +1357,7 @@ def test_crash_before_index_update_is_repaired(
 def test_record_whose_session_changed_behind_the_index(
     reg: SessionRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    iid = reg.register_session("first")
+    iid = register(reg, "first")
     # register() itself never leaves this (it finishes the archive of the old
     # session, index included, first), but a foreign writer or a hand edit can.
     path = reg.get_session_file_path(iid)
@@ -1224,7 +1369,7 @@ def test_record_whose_session_changed_behind_the_index(
         found = reg.find_session("second")
     assert found is not None
     assert found["instance_id"] == iid
-    assert any("disagrees" in m for m in warnings_of(caplog))
+    assert any("out of step" in m for m in warnings_of(caplog))
     assert_consistent(reg)
 
 
@@ -1416,10 +1561,10 @@ def test_sigkill_at_random_instants_of_changes_is_repaired(tmp_path: Path) -> No
             for name in _listing(directory):
                 if not name.startswith(".tmp-"):
                     assert isinstance(_load(directory / name), dict), name
-        index_before = reg.index_path.read_bytes()
+        index_before = reg.index_file.read_bytes()
         # ...and the next use leaves the registry consistent.
         index = reg.get_index()
-        repaired += reg.index_path.read_bytes() != index_before
+        repaired += reg.index_file.read_bytes() != index_before
         assert bystanders <= {e["instance_id"] for e in index.values()}
         for directory in (reg.registry_dir, reg.active_dir, reg.archive_dir):
             cleanup_orphaned_temp_files(directory, age_hours=0)
@@ -1490,9 +1635,9 @@ class RegistryMachine(RuleBasedStateMachine):
         holder = next((j for j, s in self.model.items() if s == session), None)
         if holder is not None and holder != k:
             with pytest.raises(SessionConflictError):
-                self.reg.register_session(session)
+                register(self.reg, session)
             return
-        assert self.reg.register_session(session) == self.ids[k]
+        assert register(self.reg, session) == self.ids[k]
         if self.model.get(k, session) != session:
             self.archived += 1
         self.model[k] = session
@@ -1512,9 +1657,9 @@ class RegistryMachine(RuleBasedStateMachine):
     def damage_index(self, content: bytes | None) -> None:
         if content is None:
             with contextlib.suppress(FileNotFoundError):
-                self.reg.index_path.unlink()
+                self.reg.index_file.unlink()
         elif self.reg.registry_dir.exists():
-            self.reg.index_path.write_bytes(content)
+            self.reg.index_file.write_bytes(content)
 
     @rule(k=st.integers(0, SIM_INSTANCES - 1))
     def damage_record(self, k: int) -> None:
@@ -1542,3 +1687,348 @@ TestRegistryMachine = RegistryMachine.TestCase
 TestRegistryMachine.settings = settings(
     max_examples=40, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
 )
+
+
+# --------------------------------------------------------------------------
+# htmlgraph's own format: read, kept, heartbeated, archived (issue 16)
+# --------------------------------------------------------------------------
+def htmlgraph_record(
+    instance_id: str, session_id: str, moment: datetime, *, pid: object = 4242, host: str = "h"
+) -> dict[str, Any]:
+    """A record as htmlgraph's own tools write it: no format, pid inside "instance"."""
+    return {
+        "instance_id": instance_id,
+        "session_id": session_id,
+        "created": ts(moment),
+        "repo": {"path": "/src/app", "branch": "main", "commit": "d78e458"},
+        "instance": {"pid": pid, "hostname": host, "start_time": ts(moment)},
+        "status": "active",
+        "last_activity": ts(moment),
+    }
+
+
+def write_htmlgraph_registry(registry_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Lay out a registry exactly as htmlgraph's tools leave it (index included)."""
+    (registry_dir / "active").mkdir(parents=True)
+    (registry_dir / "archive").mkdir()
+    sessions = {}
+    for record in records:
+        path = registry_dir / "active" / f"{record['instance_id']}.json"
+        path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        sessions[record["session_id"]] = {
+            "instance_id": record["instance_id"],
+            "created": record["created"],
+            "last_activity": record["last_activity"],
+        }
+    index = {"version": "1.0", "updated_at": records[-1]["created"], "active_sessions": sessions}
+    (registry_dir / ".index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def test_a_registry_written_by_htmlgraph_is_read_and_nothing_is_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.now(timezone.utc)
+    theirs = [
+        htmlgraph_record("inst-4242-h-1767875696", "sess-a", now - timedelta(minutes=5)),
+        htmlgraph_record("inst-4343-h-1767875700", "sess-b", now, pid=4343),
+    ]
+    write_htmlgraph_registry(tmp_path / "registry", theirs)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "registry" / "active").iterdir()}
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        reg = SessionRegistry(tmp_path / "registry")
+        assert sorted(r["session_id"] for r in reg.get_current_sessions()) == ["sess-a", "sess-b"]
+        assert reg.read_session("inst-4242-h-1767875696") == dict(theirs[0])
+        assert reg.get_index() == {
+            r["session_id"]: {
+                "instance_id": r["instance_id"],
+                "created": r["created"],
+                "last_activity": r["last_activity"],
+            }
+            for r in theirs
+        }
+        mine = register(reg, "sess-c")  # a change under the lock: nothing quarantined
+    assert warnings_of(caplog) == []
+    assert _listing(reg.archive_dir) == set()
+    for name, raw in before.items():
+        assert (reg.active_dir / name).read_bytes() == raw  # untouched
+    assert set(reg.get_index()) == {"sess-a", "sess-b", "sess-c"}
+    # Heartbeat one of theirs: every field kept, the time moves, still their shape.
+    assert reg.update_activity("inst-4242-h-1767875696") is True
+    beaten = _load(reg.get_session_file_path("inst-4242-h-1767875696"))
+    assert {k: v for k, v in beaten.items() if k != "last_activity"} == {
+        k: v for k, v in theirs[0].items() if k != "last_activity"
+    }
+    assert beaten["last_activity"] > theirs[0]["last_activity"]
+    assert TIMESTAMP.fullmatch(beaten["last_activity"])
+    # Archive one of theirs: archive/{instance_id}.json.
+    assert reg.archive_session("inst-4343-h-1767875700") is True
+    archived = _load(reg.archive_dir / "inst-4343-h-1767875700.json")
+    assert {k: archived[k] for k in theirs[1]} == theirs[1]
+    assert archived["archive_reason"] == "archived"
+    assert set(reg.get_index()) == {"sess-a", "sess-c"}
+    assert reg.read_session(mine) is not None
+    assert_consistent(reg)
+
+
+@pytest.mark.skipif(_platform.pid_namespace() is None, reason="no pid namespaces here")
+def test_htmlgraph_records_are_never_judged_by_pid_and_reaped_only_when_idle(
+    tmp_path: Path,
+) -> None:
+    # Even a record naming this very host and a dead pid: htmlgraph records
+    # carry no pid namespace, so the pid cannot be judged here (it may be a
+    # container's). Only idle time reaps it.
+    now = datetime.now(timezone.utc)
+    host = _platform.hostname()
+    old = htmlgraph_record(
+        "inst-1-x-1", "s-old", now - timedelta(hours=3), pid=dead_pid(), host=host
+    )
+    new = htmlgraph_record("inst-2-x-2", "s-new", now, pid=dead_pid(), host=host)
+    write_htmlgraph_registry(tmp_path / "registry", [old, new])
+    reg = SessionRegistry(tmp_path / "registry")
+    assert {reg.process_state(r) for r in reg.get_current_sessions()} == {"unknown"}
+    assert reg.reap_stale(max_idle=None) == []
+    assert reg.reap_stale(max_idle=3600) == ["inst-1-x-1"]
+    assert _load(reg.archive_dir / "inst-1-x-1.json")["archive_reason"] == "idle"
+    with pytest.raises(SessionConflictError):
+        register(reg, "s-new")  # cannot be proven gone
+    assert_consistent(reg)
+
+
+def _htmlgraph_style_tool(registry_dir: str, instance_id: str, conn: Connection) -> None:
+    """What htmlgraph's own code does, without a lock: register, beat, archive another."""
+    root = Path(registry_dir)
+    index_file = root / ".index.json"
+
+    def put(path: Path, data: dict[str, Any]) -> None:
+        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(temp, path)
+
+    now = ts(datetime.now(timezone.utc))
+    record = htmlgraph_record(instance_id, "sess-theirs", datetime.now(timezone.utc))
+    put(root / "active" / f"{instance_id}.json", record)
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index["active_sessions"]["sess-theirs"] = {
+        "instance_id": instance_id,
+        "created": now,
+        "last_activity": now,
+    }
+    index["updated_at"] = now
+    put(index_file, index)
+    # Heartbeat and archive what *we* wrote, their way.
+    listed = sorted((root / "active").glob("*.json"))
+    ours = [p for p in listed if json.loads(p.read_text(encoding="utf-8")).get("format") == 2]
+    data = json.loads(ours[0].read_text(encoding="utf-8"))
+    data["last_activity"] = ts(datetime.now(timezone.utc))
+    put(ours[0], data)
+    archived = json.loads(ours[1].read_text(encoding="utf-8"))
+    put(root / "archive" / ours[1].name, archived)
+    ours[1].unlink()
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    del index["active_sessions"][archived["session_id"]]
+    put(index_file, index)
+    conn.send([p.stem for p in ours])
+    conn.close()
+
+
+def test_mixed_use_with_htmlgraph_tools_works_both_ways(
+    reg: SessionRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = register(reg, "ours-1")
+    monkeypatch.setattr(session_registry, "_hostname", lambda: "second-host")
+    second = register(reg, "ours-2")
+    monkeypatch.undo()
+    parent, child = mp.Pipe()
+    proc = mp.Process(
+        target=_htmlgraph_style_tool, args=(str(reg.registry_dir), "inst-9-t-9", child)
+    )
+    proc.start()
+    child.close()
+    assert parent.poll(JOIN_TIMEOUT)
+    beaten, archived = parent.recv()
+    proc.join(JOIN_TIMEOUT)
+    assert proc.exitcode == 0
+    assert {beaten, archived} == {first, second}
+    # They heartbeated one of ours and archived the other; we see both changes.
+    assert {r["instance_id"] for r in reg.get_current_sessions()} == {beaten, "inst-9-t-9"}
+    index = reg.get_index()
+    assert set(index) == {"sess-theirs", reg.read_session(beaten)["session_id"]}  # type: ignore[index]
+    assert (reg.archive_dir / f"{archived}.json").is_file()
+    # And we heartbeat and archive theirs.
+    assert reg.update_activity("inst-9-t-9") is True
+    assert reg.archive_session("inst-9-t-9") is True
+    assert _load(reg.archive_dir / "inst-9-t-9.json")["session_id"] == "sess-theirs"
+    assert _listing(reg.archive_dir) == {f"{archived}.json", "inst-9-t-9.json"}
+    assert_consistent(reg)
+
+
+def test_a_registry_in_our_earlier_format_is_read_then_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "registry"
+    (root / "active").mkdir(parents=True)
+    earlier = {
+        "format": 1,
+        "instance_id": "host-77-0123456789abcdef",
+        "session_id": "sess-old",
+        "hostname": "far",
+        "pid": 77,
+        "process_start": None,
+        "pid_namespace": None,
+        "created": "2030-01-01T00:00:00.250000+00:00",
+        "last_activity": "2030-01-01T00:05:00+00:00",
+        "repo": {"path": "/r"},
+        "instance": None,
+    }
+    path = root / "active" / "host-77-0123456789abcdef.json"
+    path.write_text(json.dumps(earlier), encoding="utf-8")
+    index = {
+        "format": 1,
+        "sessions": {
+            "sess-old": {
+                "instance_id": earlier["instance_id"],
+                "created": earlier["created"],
+                "last_activity": earlier["last_activity"],
+            }
+        },
+    }
+    (root / ".index.json").write_text(json.dumps(index), encoding="utf-8")
+    reg = SessionRegistry(root)
+    # Read in today's shape at once, before anything is written.
+    view = reg.read_session("host-77-0123456789abcdef")
+    assert view is not None
+    assert view["created"] == "2030-01-01T00:00:00.250000Z"
+    assert view["last_activity"] == "2030-01-01T00:05:00.000000Z"
+    assert view["status"] == "active"
+    assert view["format"] == 2
+    assert view["repo"] == {"path": "/r"}
+    assert view["instance"] == {"pid": 77, "hostname": "far"}
+    assert json.loads(path.read_text(encoding="utf-8")) == earlier  # reading writes nothing
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        register(reg, "sess-new")  # the first change migrates
+    assert not any("corrupt" in m or "unreadable" in m for m in warnings_of(caplog))
+    assert _load(path) == view
+    assert _listing(reg.archive_dir) == set()
+    assert set(reg.get_index()) == {"sess-old", "sess-new"}
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# Foreign pids: never a crash, never proof of death (issue 11 item 5)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "pid", [1099511627776, 2**31, True, "١٢٣", "12 ", -5, 0, 3.0, None, [1]], ids=repr
+)
+@pytest.mark.parametrize("shape", ["ours", "htmlgraph"])
+def test_a_pid_that_is_not_a_pid_is_unknown_and_never_crashes(
+    reg: SessionRegistry, pid: object, shape: str
+) -> None:
+    mine = register(reg, "mine")
+    now = datetime.now(timezone.utc)
+    if shape == "ours":
+        record = plant_record(reg, "odd-1", "s-odd", last_activity=now - timedelta(days=3))
+        record["pid"] = pid
+    else:
+        record = htmlgraph_record("odd-1", "s-odd", now - timedelta(days=3), pid=pid)
+        record["instance"]["hostname"] = _platform.hostname()
+    reg.get_session_file_path("odd-1").write_text(json.dumps(record), encoding="utf-8")
+    (listed,) = [r for r in reg.get_current_sessions() if r["instance_id"] == "odd-1"]
+    assert reg.process_state(listed) == "unknown"
+    assert reg.reap_stale(max_idle=None) == []  # not proof of death
+    assert reg.read_session("odd-1") is not None
+    assert reg.reap_stale(max_idle=3600) == ["odd-1"]  # idle time still reaps it
+    assert reg.read_session(mine) is not None
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# The one directory fsync (issue 11 item 11)
+# --------------------------------------------------------------------------
+def test_registry_tolerates_a_directory_fsync_that_says_einval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if _platform.IS_WINDOWS:
+        pytest.skip("no directory fsync on Windows")
+    real_fsync = os.fsync
+    refused: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)  # the os module _platform calls
+    reg = SessionRegistry(tmp_path / "a" / "registry")
+    iid = register(reg, "s1")
+    assert reg.update_activity(iid)
+    assert reg.archive_session(iid)
+    assert refused  # the fault was hit, and nothing failed
+    monkeypatch.undo()
+    assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------
+# One id, two processes; htmlgraph's static helpers
+# --------------------------------------------------------------------------
+def test_a_record_of_an_earlier_process_with_our_id_is_archived_not_overwritten(
+    reg: SessionRegistry,
+) -> None:
+    # A pid reused within the same second gives the same id: the record's
+    # start token tells the two processes apart.
+    iid = reg.get_instance_id()
+    plant_record(reg, iid, "s-before", process_start="boot:1", pid=os.getpid())
+    assert register(reg, "s-now") == iid
+    archived = _load(reg.archive_dir / f"{iid}.json")
+    assert (archived["session_id"], archived["archive_reason"]) == ("s-before", "superseded")
+    assert set(reg.get_index()) == {"s-now"}
+    assert_consistent(reg)
+
+
+def test_register_validates_session_ids_as_htmlgraph_documents(reg: SessionRegistry) -> None:
+    for bad in ("", None, 5):
+        with pytest.raises(ValueError, match="session id"):
+            reg.register_session(bad, {}, {})  # type: ignore[arg-type]
+    path = reg.register_session("sess-1", {"path": "/r"}, {"pid": 1, "hostname": "h"})
+    assert path == reg.get_session_file_path(reg.get_instance_id())
+    record = _load(path)
+    assert (record["repo"], record["instance"]) == ({"path": "/r"}, {"pid": 1, "hostname": "h"})
+    # Without instance_info, the instance block describes this process.
+    record = _load(reg.register_session("sess-1"))
+    assert record["repo"] == {}
+    assert record["instance"]["pid"] == os.getpid()
+    assert record["instance"]["hostname"] == session_registry._hostname()
+    assert TIMESTAMP.fullmatch(record["instance"]["start_time"])
+
+
+def test_static_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stamp = SessionRegistry._get_utc_timestamp()
+    assert TIMESTAMP.fullmatch(stamp)
+    moment = datetime(2030, 5, 6, 7, 8, 9, 10, tzinfo=timezone.utc)
+    monkeypatch.setattr(session_registry, "_utcnow", lambda: moment)
+    assert SessionRegistry._get_utc_timestamp() == "2030-05-06T07:08:09.000010Z"
+    target = tmp_path / "x.json"
+    SessionRegistry._write_atomic(target, {"a": {"b": 1}})
+    SessionRegistry._write_atomic(target, {"a": {"b": 2}})
+    assert target.read_text(encoding="utf-8") == '{\n  "a": {\n    "b": 2\n  }\n}\n'
+    assert os.listdir(tmp_path) == ["x.json"]
+    assert SessionRegistry._read_json(target) == {"a": {"b": 2}}
+    assert SessionRegistry._read_json(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{ nope", encoding="utf-8")
+    assert SessionRegistry._read_json(tmp_path / "bad.json") is None
+    (tmp_path / "list.json").write_text("[1]", encoding="utf-8")
+    assert SessionRegistry._read_json(tmp_path / "list.json") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_in_active_never_blocks_a_reader(reg: SessionRegistry) -> None:
+    if sys.platform == "win32":
+        pytest.skip("no FIFOs")
+    register(reg, "s1")
+    os.mkfifo(reg.active_dir / "trap.json")
+    assert [r["session_id"] for r in reg.get_current_sessions()] == ["s1"]
+    assert reg.read_session("trap") is None
+    assert set(reg.get_index()) == {"s1"}  # quarantined under the lock
+    (name,) = _listing(reg.archive_dir)
+    assert name.startswith("trap-")
+    assert name.endswith(".corrupt")

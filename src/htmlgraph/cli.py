@@ -725,13 +725,26 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+def _session_owner(entry: Mapping[str, object]) -> tuple[object, object]:
+    """The pid and host of a record: ours at the top, htmlgraph's inside "instance"."""
+    if "format" in entry:
+        return entry.get("pid", "-"), entry.get("hostname", "-")
+    instance = entry.get("instance")
+    if isinstance(instance, Mapping):
+        return instance.get("pid", "-"), instance.get("hostname", "-")
+    return "-", "-"
+
+
 def _session_row(entry: Mapping[str, object], state: str) -> list[str]:
+    pid, host = _session_owner(entry)
     return [
         str(entry.get("instance_id", "?")),
         str(entry.get("session_id", "-")),
-        str(entry.get("pid", "-")),
-        str(entry.get("hostname", "-")),
+        str(entry.get("status", "-")),
+        str(pid),
+        str(host),
         state,
+        str(entry.get("created", "-")),
         str(entry.get("last_activity", "-")),
     ]
 
@@ -747,7 +760,7 @@ def _print_table(rows: list[list[str]]) -> None:
 def _cmd_sessions_list(args: argparse.Namespace) -> int:
     from htmlgraph.session_registry import SessionRegistry
 
-    registry = SessionRegistry(args.registry)
+    registry = SessionRegistry(args.registry, create=False)
     sessions = registry.get_current_sessions()
     if args.json:
         _print_json(sessions)
@@ -755,7 +768,7 @@ def _cmd_sessions_list(args: argparse.Namespace) -> int:
     if not sessions:
         print("no active sessions", file=sys.stderr)
         return EXIT_OK
-    rows = [["INSTANCE", "SESSION", "PID", "HOST", "PROCESS", "LAST ACTIVITY"]]
+    rows = [["INSTANCE", "SESSION", "STATUS", "PID", "HOST", "PROCESS", "CREATED", "LAST_ACTIVITY"]]
     rows.extend(_session_row(entry, registry.process_state(entry)) for entry in sessions)
     _print_table(rows)
     return EXIT_OK
@@ -775,7 +788,7 @@ def _on_instance(args: argparse.Namespace, action: Callable[[str], _T]) -> _T:
 def _cmd_sessions_show(args: argparse.Namespace) -> int:
     from htmlgraph.session_registry import SessionRegistry
 
-    registry = SessionRegistry(args.registry)
+    registry = SessionRegistry(args.registry, create=False)
     instance_id: str = args.instance_id
     entry = _on_instance(args, registry.read_session)
     if entry is None:
@@ -794,7 +807,7 @@ def _cmd_sessions_show(args: argparse.Namespace) -> int:
 def _cmd_sessions_archive(args: argparse.Namespace) -> int:
     from htmlgraph.session_registry import SessionRegistry
 
-    registry = SessionRegistry(args.registry)
+    registry = SessionRegistry(args.registry, create=False)
     instance_id: str = args.instance_id
     archived = _on_instance(args, registry.archive_session)
     if args.json:
@@ -810,7 +823,7 @@ def _cmd_sessions_archive(args: argparse.Namespace) -> int:
 def _cmd_sessions_reap(args: argparse.Namespace) -> int:
     from htmlgraph.session_registry import SessionRegistry
 
-    registry = SessionRegistry(args.registry)
+    registry = SessionRegistry(args.registry, create=False)
     if args.max_idle is None:
         reaped = registry.reap_stale()
     else:

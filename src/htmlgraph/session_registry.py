@@ -2,13 +2,16 @@
 
 Many instances (processes) of an agent run at once in one repository; each
 registers itself under ``.htmlgraph/sessions/registry/`` (the seed's
-"Phase 1.4")::
+"Phase 1.4"). Layout and file formats are htmlgraph's own, so its dashboard
+and hooks read these files and its tools can share a registry with this
+class::
 
     registry/
-        active/{instance_id}.json              one record per live instance
-        archive/{instance_id}-{stamp}.json     records of finished instances
-        .index.json                            session id -> instance id
-        .lock/                                 DirectoryLocker markers
+        active/{instance_id}.json       one record per live instance
+        archive/{instance_id}.json      the latest archived record of an instance
+        archive/{instance_id}-{stamp}.json   earlier ones, moved aside, never lost
+        .index.json                     {"version": "1.0", "active_sessions": ...}
+        .lock/                          DirectoryLocker markers (ours only)
 
 Every file is replaced whole with :class:`~htmlgraph.atomic_ops.AtomicFileWriter`
 (durable by default), so a reader never sees a partial record. Every change
@@ -16,27 +19,33 @@ Every file is replaced whole with :class:`~htmlgraph.atomic_ops.AtomicFileWriter
 :class:`~htmlgraph.atomic_ops.DirectoryLocker` lock and does its
 read-modify-write of the index inside it, so concurrent instances lose no
 entry. The active records are the source of truth; the index is derived from
-them and is rebuilt, with a WARNING, whenever it is missing, corrupt or out of
-step (the state an interrupted update leaves). ``docs/session-registry.md``
-gives the file formats, the concurrency argument and the crash ordering.
+them and rewritten whenever it disagrees with them (a crash between two
+writes, or a tool that writes without the lock). Records that other tools
+wrote in htmlgraph's format are valid input; only a file that is not a JSON
+object with a session id is quarantined. ``docs/session-registry.md`` gives
+the formats, the concurrency argument and the crash ordering.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import stat
+import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, TypedDict, cast
+from typing import Literal, NamedTuple, TypedDict, cast
 
-from htmlgraph import _platform
+from htmlgraph import _identity, _platform
 from htmlgraph.atomic_ops import (
     AtomicFileWriter,
     DirectoryLocker,
@@ -49,6 +58,7 @@ __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "DEFAULT_MAX_IDLE",
     "FORMAT_VERSION",
+    "INDEX_VERSION",
     "IndexEntry",
     "SessionConflictError",
     "SessionRecord",
@@ -68,9 +78,13 @@ DEFAULT_LOCK_TIMEOUT = 30.0
 #: ``cleanup_orphaned_temp_files``' default age.
 DEFAULT_MAX_IDLE = 24 * 3600.0
 
-#: The ``format`` field written into records and the index. Readers accept
-#: any version >= 1 whose required fields are valid and keep unknown fields.
-FORMAT_VERSION = 1
+#: The ``format`` field this package adds to the records it writes (beside
+#: htmlgraph's fields). 1 was this package's earlier format (read and
+#: migrated); records without the field are htmlgraph's own.
+FORMAT_VERSION = 2
+
+#: The ``version`` of the index, htmlgraph's.
+INDEX_VERSION = "1.0"
 
 #: Longest accepted session or instance id, in UTF-8 bytes: an archive name
 #: (id + "-" + 22-character stamp + ".json") must stay below the 255-byte
@@ -78,13 +92,11 @@ FORMAT_VERSION = 1
 MAX_ID_BYTES = 200
 
 # Orphaned temp files of crashed writers older than this are removed by
-# reap_stale. Only temps whose writer pid is gone are candidates at all.
+# reap_stale. Only temps whose writer is provably gone are candidates at all.
 _ORPHAN_AGE_HOURS = 1.0
 
-_REGISTRY_PARTS = (".htmlgraph", "sessions", "registry")
-_INDEX_NAME = ".index.json"
-_LOCK_NAME = ".lock"
 _SUFFIX = ".json"
+_LOCK_NAME = ".lock"
 
 # Characters Windows refuses in file names, and its reserved device names
 # ("CON.json" still opens the console there): Microsoft Learn, "Naming Files,
@@ -96,39 +108,53 @@ _WINDOWS_RESERVED = frozenset(
     | {f"COM{i}" for i in range(1, 10)}
     | {f"LPT{i}" for i in range(1, 10)}
 )
-_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
+# What a host name may not carry into a file name (see _id_problem).
+_HOST_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*]')
+_QUARANTINE_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# Host names are at most 253 bytes; ours keeps the id within MAX_ID_BYTES.
+_HOST_MAX_BYTES = 150
+
+# Seconds between 1601-01-01 (Windows FILETIME epoch) and 1970-01-01.
+_FILETIME_EPOCH_OFFSET = 11_644_473_600
 
 ArchiveReason = Literal["archived", "process-gone", "idle", "superseded", "re-registered"]
 ProcessState = Literal["alive", "gone", "unknown"]
 
 
-class SessionRecord(TypedDict):
+class SessionRecord(TypedDict, total=False):
     """The content of ``active/{instance_id}.json`` (see the module docs).
 
-    Timestamps are ISO 8601 strings in UTC with an explicit ``+00:00`` offset.
-    ``process_start`` is ``_platform.process_start_token`` of the registering
-    process (None where the OS gives none); with ``hostname`` and ``pid`` it
-    lets :meth:`SessionRegistry.reap_stale` prove the process gone even after
-    its pid was reused. ``pid_namespace`` (Linux, else None) keeps containers
-    that share a host name from judging each other's pids; a record without
-    it reads as None.
+    The first seven keys are htmlgraph's format, written by every tool:
+    ``instance_id``, ``session_id``, ``created``, ``repo``, ``instance``,
+    ``status`` (``"active"``) and ``last_activity``, timestamps as
+    ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC. Records this package writes add,
+    beside them, ``format`` (:data:`FORMAT_VERSION`), ``hostname``, ``pid``,
+    ``process_start`` (``_platform.process_start_token``, None where the OS
+    gives none) and ``pid_namespace`` (Linux, else None): the facts that let
+    :meth:`SessionRegistry.process_state` prove the writer gone. Archived
+    copies add ``archived`` and ``archive_reason``. Records read from disk may
+    lack any key but ``session_id`` (another tool wrote them); unknown keys
+    are kept.
     """
 
-    format: int
     instance_id: str
     session_id: str
+    created: str
+    repo: dict[str, object]
+    instance: dict[str, object]
+    status: str
+    last_activity: str
+    format: int
     hostname: str
     pid: int
     process_start: str | None
     pid_namespace: str | None
-    created: str
-    last_activity: str
-    repo: dict[str, object] | None
-    instance: dict[str, object] | None
+    archived: str
+    archive_reason: str
 
 
 class IndexEntry(TypedDict):
-    """One value of ``.index.json``'s ``sessions`` map (keyed by session id)."""
+    """One value of ``.index.json``'s ``active_sessions`` map (keyed by session id)."""
 
     instance_id: str
     created: str
@@ -139,8 +165,10 @@ class SessionConflictError(ValueError):
     """A session id is already registered by another instance that may be alive.
 
     Raised by :meth:`SessionRegistry.register_session` when the session is held
-    by an instance whose process is alive, or runs on another host, so it
-    cannot be proven gone. Nothing was changed.
+    by an instance whose process is alive, or cannot be judged from here
+    (another host or pid namespace, or a record in htmlgraph's own format,
+    which carries no pid namespace), so it cannot be proven gone. Nothing was
+    changed.
 
     Attributes:
         session_id: The session asked for.
@@ -150,13 +178,17 @@ class SessionConflictError(ValueError):
     def __init__(self, session_id: str, instance_id: str) -> None:
         super().__init__(
             f"session {session_id!r} is already registered by instance {instance_id!r}, "
-            "whose process is alive or on another host"
+            "whose process is alive or cannot be judged from here"
         )
         self.session_id = session_id
         self.instance_id = instance_id
 
     def __reduce__(self) -> tuple[type[SessionConflictError], tuple[str, str]]:
         return (type(self), (self.session_id, self.instance_id))
+
+
+class _IdTypeError(TypeError, ValueError):
+    """An id that is not a str: a TypeError, and the ValueError htmlgraph documents."""
 
 
 class _CorruptFileError(Exception):
@@ -185,40 +217,94 @@ def _remove(path: Path) -> None:
     _platform.unlink(str(path))
 
 
-# (pid, hostname, instance id) of the last computation; recomputed when the
-# pid changes (a forked child) or the host name seam answers differently.
-_instance_cache: tuple[int, str, str] | None = None
-# Per-process random stand-in for the start token where the OS has none.
-_fallback_token: tuple[int, str] | None = None
-
-
 def _own_start_token(pid: int) -> str | None:
     return _platform.process_start_token(pid)
 
 
+# --------------------------------------------------------------------------
+# Instance ids: inst-{pid}-{hostname}-{start}
+# --------------------------------------------------------------------------
+# When this module was imported: the stand-in for the process start time
+# where the OS does not tell it (macOS).
+_IMPORT_SECONDS = int(time.time())
+
+# (pid, hostname, instance id) of the last computation; recomputed when the
+# pid changes (a forked child) or the host name seam answers differently.
+_instance_cache: tuple[int, str, str] | None = None
+
+
+def _boot_time() -> int | None:
+    """Return the Linux boot time in seconds since the epoch (``btime``, proc(5))."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _process_start_seconds(pid: int) -> int | None:
+    """Return when process ``pid`` started, in whole seconds since the epoch, or None.
+
+    Derived from ``_platform.process_start_token``: on Linux boot time plus
+    the start tick (``/proc/<pid>/stat`` field 22) over ``SC_CLK_TCK``; on
+    Windows the creation FILETIME. None elsewhere (macOS has no stdlib way).
+    A candidate for ``_platform``; it lives here until the lead moves it.
+    """
+    token = _own_start_token(pid)
+    if token is None:
+        return None
+    try:
+        if sys.platform == "win32":
+            return int(token) // 10_000_000 - _FILETIME_EPOCH_OFFSET
+        ticks = int(token.rsplit(":", 1)[-1])
+        boot = _boot_time()
+        if boot is None:
+            return None
+        hertz: int = os.sysconf("SC_CLK_TCK")
+        return boot + ticks // hertz
+    except (ValueError, OSError):
+        return None
+
+
+def _host_part(host: str) -> str:
+    """Return ``host`` as it goes into an instance id: as is unless unsafe in a file name.
+
+    An unsafe host name (a path separator, a control or Windows-forbidden
+    character, or too long) has those characters replaced by ``_`` and 8 hex
+    digits of its SHA-256 appended, so two hosts whose cleaned names
+    coincide still get different ids.
+    """
+    cleaned = _HOST_UNSAFE.sub("_", host)
+    encoded = cleaned.encode("utf-8", "replace")
+    if cleaned == host and 0 < len(encoded) <= _HOST_MAX_BYTES and host.isprintable():
+        return host
+    head = encoded[:_HOST_MAX_BYTES].decode("utf-8", "ignore")
+    head = "".join(ch if ch.isprintable() else "_" for ch in head) or "host"
+    digest = hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{head}~{digest}"
+
+
 def _current_instance_id() -> str:
-    global _instance_cache, _fallback_token
+    global _instance_cache
     pid = os.getpid()
     host = _hostname()
     cached = _instance_cache
     if cached is not None and cached[0] == pid and cached[1] == host:
         return cached[2]
-    token = _own_start_token(pid)
-    if token is None:
-        # No start token (macOS): a random value chosen once per process
-        # makes a reused pid yield a new id all the same.
-        if _fallback_token is None or _fallback_token[0] != pid:
-            _fallback_token = (pid, "random:" + _random_token())
-        token = _fallback_token[1]
-    # The digest covers the full host name: the readable prefix is sanitised
-    # and truncated, so two hosts could share it but not the digest.
-    digest = hashlib.sha256(f"{host}\0{pid}\0{token}".encode()).hexdigest()[:16]
-    readable = _HOST_UNSAFE.sub("_", host)[:63] or "host"
-    instance_id = f"{readable}-{pid}-{digest}"
+    start = _process_start_seconds(pid)
+    if start is None:
+        start = _IMPORT_SECONDS
+    instance_id = f"inst-{pid}-{_host_part(host)}-{start}"
     _instance_cache = (pid, host, instance_id)
     return instance_id
 
 
+# --------------------------------------------------------------------------
+# Ids, info, timestamps
+# --------------------------------------------------------------------------
 def _short_repr(value: str) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -253,7 +339,7 @@ def _id_problem(value: str) -> str | None:
 
 def _check_id(kind: str, value: object) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{kind} must be a str, not {type(value).__name__}: {value!r}")
+        raise _IdTypeError(f"invalid {kind} {value!r}: must be a str, not {type(value).__name__}")
     problem = _id_problem(value)
     if problem is not None:
         raise ValueError(f"unsafe {kind} {_short_repr(value)}: {problem}")
@@ -278,126 +364,233 @@ def _check_info(name: str, value: object) -> dict[str, object] | None:
     return cast("dict[str, object]", json.loads(text))
 
 
-def _iso(moment: datetime) -> str:
-    return moment.isoformat()
+def _timestamp(moment: datetime) -> str:
+    """Format ``moment`` as htmlgraph does: ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
+    """Parse a timestamp any writer of this registry used; None if it is not one.
+
+    Accepts htmlgraph's ``...Z`` (with or without fractions), this package's
+    earlier ``+00:00`` form, and a naive time, read as UTC (no writer of the
+    registry used local time).
+    """
+    if not isinstance(value, str) or not value.isascii():
         return None
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
     try:
-        moment = datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _stamp(moment: datetime) -> str:
-    return moment.strftime("%Y%m%dT%H%M%S%fZ")
+    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _read_json(path: Path) -> object | None:
-    """Return the parsed content of ``path``, None if it does not exist.
+# --------------------------------------------------------------------------
+# Reading files: foreign ground (no-follow, non-blocking, regular files only)
+# --------------------------------------------------------------------------
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def _read_file(path: Path) -> tuple[bytes, float] | None:
+    """Return the bytes and mtime of regular file ``path``, None if it does not exist.
+
+    Opens no-follow and non-blocking, so a symlink or a FIFO someone put in
+    the registry neither redirects nor blocks the read.
 
     Raises:
-        _CorruptFileError: The file exists but is not UTF-8 JSON.
+        _CorruptFileError: ``path`` is a symlink, a directory or not a regular file.
+        OSError: Any other failure to read it.
     """
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, _READ_FLAGS)
     except FileNotFoundError:
         return None
-    except IsADirectoryError as exc:
-        raise _CorruptFileError("it is a directory") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _CorruptFileError("it is a symbolic link") from exc
+        if path.is_dir():
+            raise _CorruptFileError("it is a directory") from exc
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise _CorruptFileError(f"it is {kind}")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks), info.st_mtime
+
+
+def _load_json(path: Path) -> tuple[object, float] | None:
+    """Return the parsed content and mtime of ``path``, None if it does not exist.
+
+    Raises:
+        _CorruptFileError: The file exists but is not a UTF-8 JSON document.
+    """
+    found = _read_file(path)
+    if found is None:
+        return None
+    raw, mtime = found
     if not raw:
         raise _CorruptFileError("it is empty")
     try:
-        return cast(object, json.loads(raw.decode("utf-8")))
+        return cast(object, json.loads(raw.decode("utf-8"))), mtime
     except UnicodeDecodeError as exc:
         raise _CorruptFileError(f"it is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except (ValueError, RecursionError) as exc:
         raise _CorruptFileError(f"it is not JSON ({exc})") from exc
 
 
-def _validate_record(data: object, instance_id: str) -> SessionRecord:
-    """Check ``data`` against the record schema; raise _CorruptFileError if it fails."""
-    if not isinstance(data, dict):
-        raise _CorruptFileError(f"it holds a JSON {type(data).__name__}, not an object")
-    problems = []
-    version = data.get("format")
-    if not _is_int(version) or cast(int, version) < 1:
-        problems.append("format")
-    if data.get("instance_id") != instance_id:
-        problems.append("instance_id (must match the file name)")
-    session_id = data.get("session_id")
-    if not isinstance(session_id, str) or _id_problem(session_id) is not None:
-        problems.append("session_id")
-    if not isinstance(data.get("hostname"), str):
-        problems.append("hostname")
-    pid = data.get("pid")
-    if not _is_int(pid) or cast(int, pid) <= 0:
-        problems.append("pid")
-    if not isinstance(data.get("process_start"), (str, type(None))):
-        problems.append("process_start")
-    data.setdefault("pid_namespace", None)
-    if not isinstance(data["pid_namespace"], (str, type(None))):
-        problems.append("pid_namespace")
+# --------------------------------------------------------------------------
+# Records and the index
+# --------------------------------------------------------------------------
+def _is_earlier_format(data: Mapping[str, object]) -> bool:
+    """Whether ``data`` is a record in this package's earlier format (``"format": 1``)."""
+    return data.get("format") == 1 and not isinstance(data.get("format"), bool)
+
+
+def _upgrade(data: dict[str, object]) -> dict[str, object]:
+    """Return a record of the earlier format in today's (htmlgraph's fields first)."""
+    record: dict[str, object] = {}
+    for key in ("instance_id", "session_id", "created", "repo", "instance"):
+        if key in data:
+            record[key] = data[key]
     for key in ("created", "last_activity"):
-        if _parse_time(data.get(key)) is None:
-            problems.append(key)
-    for key in ("repo", "instance"):
-        if not isinstance(data.get(key), (dict, type(None))):
-            problems.append(key)
-    if problems:
-        raise _CorruptFileError("bad or missing field(s): " + ", ".join(problems))
-    return cast(SessionRecord, data)
+        moment = _parse_time(data.get(key))
+        if moment is not None:
+            data = {**data, key: _timestamp(moment)}
+    record["created"] = data.get("created")
+    if not isinstance(record.get("repo"), dict):
+        record["repo"] = {}
+    if not isinstance(record.get("instance"), dict):
+        record["instance"] = {"pid": data.get("pid"), "hostname": data.get("hostname")}
+    record["status"] = "active"
+    record["last_activity"] = data.get("last_activity")
+    record.update({k: v for k, v in data.items() if k not in record})
+    record["format"] = FORMAT_VERSION
+    return record
 
 
-def _validate_index(data: object) -> dict[str, IndexEntry]:
-    """Check ``data`` against the index schema; raise _CorruptFileError if it fails."""
+def _parse_record(data: object, instance_id: str, mtime: float) -> SessionRecord:
+    """Return ``data`` as a record, or raise _CorruptFileError if it cannot be one.
+
+    Only what no reader could use is rejected: not a JSON object, or no
+    non-empty string ``session_id``. Everything else (htmlgraph's own records,
+    unknown fields, odd values) is kept; a missing ``instance_id`` is taken
+    from the file name and missing timestamps from the file's mtime.
+    """
     if not isinstance(data, dict):
         raise _CorruptFileError(f"it holds a JSON {type(data).__name__}, not an object")
-    version = data.get("format")
-    if not _is_int(version) or cast(int, version) < 1:
-        raise _CorruptFileError("bad or missing field: format")
-    sessions = data.get("sessions")
+    session_id = data.get("session_id")
+    if not isinstance(session_id, str) or not session_id:
+        raise _CorruptFileError("it has no session_id")
+    record = _upgrade(data) if _is_earlier_format(data) else dict(data)
+    if not isinstance(record.get("instance_id"), str):
+        record["instance_id"] = instance_id
+    for key in ("created", "last_activity"):
+        if not isinstance(record.get(key), str):
+            record[key] = _timestamp(datetime.fromtimestamp(mtime, timezone.utc))
+    return cast(SessionRecord, record)
+
+
+def _parse_index(data: object) -> tuple[dict[str, IndexEntry], bool]:
+    """Return the index's entries and whether it is in today's (htmlgraph's) format.
+
+    Reads htmlgraph's ``{"version", "active_sessions"}`` and this package's
+    earlier ``{"format": 1, "sessions"}``.
+
+    Raises:
+        _CorruptFileError: ``data`` is neither.
+    """
+    if not isinstance(data, dict):
+        raise _CorruptFileError(f"it holds a JSON {type(data).__name__}, not an object")
+    if "active_sessions" in data:
+        sessions, current = data["active_sessions"], True
+    elif data.get("format") == 1 and "sessions" in data:
+        sessions, current = data["sessions"], False
+    else:
+        raise _CorruptFileError("it has no active_sessions")
     if not isinstance(sessions, dict):
-        raise _CorruptFileError("bad or missing field: sessions")
+        raise _CorruptFileError("active_sessions is not an object")
     entries: dict[str, IndexEntry] = {}
-    holders: set[str] = set()
     for session_id, entry in sessions.items():
-        if _id_problem(session_id) is not None:
-            raise _CorruptFileError(f"unsafe session id {_short_repr(session_id)}")
         if not isinstance(entry, dict):
             raise _CorruptFileError(f"entry of session {session_id!r} is not an object")
-        instance_id = entry.get("instance_id")
-        if not isinstance(instance_id, str) or _id_problem(instance_id) is not None:
-            raise _CorruptFileError(f"bad instance_id for session {session_id!r}")
-        if instance_id in holders:
-            raise _CorruptFileError(f"instance {instance_id!r} holds two sessions")
-        holders.add(instance_id)
-        created, last = entry.get("created"), entry.get("last_activity")
-        if _parse_time(created) is None or _parse_time(last) is None:
-            raise _CorruptFileError(f"bad timestamps for session {session_id!r}")
+        values = [entry.get(key) for key in ("instance_id", "created", "last_activity")]
+        if not all(isinstance(value, str) for value in values):
+            raise _CorruptFileError(f"entry of session {session_id!r} lacks a field")
+        instance_id, created, last = cast("list[str]", values)
         entries[session_id] = IndexEntry(
-            instance_id=instance_id, created=cast(str, created), last_activity=cast(str, last)
+            instance_id=instance_id, created=created, last_activity=last
+        )
+    return entries, current
+
+
+def _heartbeat_key(record: SessionRecord) -> tuple[datetime, str]:
+    moment = _parse_time(record.get("last_activity")) or datetime.min.replace(tzinfo=timezone.utc)
+    return (moment, record["instance_id"])
+
+
+def _derive_index(
+    records: Mapping[str, SessionRecord], previous: Mapping[str, IndexEntry] | None
+) -> dict[str, IndexEntry]:
+    """Derive the index from the active records (keyed by file name).
+
+    One entry per session id that has an active record. When several records
+    claim a session (htmlgraph's tools do not prevent it), the one the
+    previous index named stays, else the one with the latest heartbeat.
+    """
+    claims: dict[str, list[tuple[str, SessionRecord]]] = {}
+    for name, record in records.items():
+        claims.setdefault(record["session_id"], []).append((name, record))
+    entries: dict[str, IndexEntry] = {}
+    for session_id in sorted(claims):
+        candidates = claims[session_id]
+        named = None if previous is None else previous.get(session_id)
+        chosen = next((c for c in candidates if named and c[0] == named["instance_id"]), None)
+        if chosen is None:
+            chosen = max(candidates, key=lambda c: _heartbeat_key(c[1]))
+        name, record = chosen
+        entries[session_id] = IndexEntry(
+            instance_id=name, created=record["created"], last_activity=record["last_activity"]
         )
     return entries
 
 
-def _entry_for(record: SessionRecord) -> IndexEntry:
-    return IndexEntry(
-        instance_id=record["instance_id"],
-        created=record["created"],
-        last_activity=record["last_activity"],
-    )
+def _membership(entries: Mapping[str, IndexEntry]) -> dict[str, str]:
+    return {session_id: entry["instance_id"] for session_id, entry in entries.items()}
 
 
 def _record_text(data: Mapping[str, object]) -> str:
     return json.dumps(dict(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+class _State(NamedTuple):
+    """What a locked change starts from: the index and the readable active records."""
+
+    entries: dict[str, IndexEntry]
+    records: dict[str, SessionRecord]
 
 
 class SessionRegistry:
@@ -409,10 +602,9 @@ class SessionRegistry:
     file is replaced atomically, so N instances registering, heartbeating and
     archiving at once lose no entry and no reader ever sees a partial file.
     Writes are durable (fsynced) unless ``durable=False``. The lock is
-    advisory and assumes a local filesystem; all users of one registry must go
-    through this class. Nothing touches the disk until the first change:
-    reading a registry that does not exist returns empty results without
-    creating it.
+    advisory: htmlgraph's own tools write without it, and the registry stays
+    readable and loses nothing when they do (the index is re-derived), but
+    only users of this class are excluded from each other.
 
     Args:
         registry_dir: The registry directory; by default
@@ -422,7 +614,25 @@ class SessionRegistry:
             before raising :class:`~htmlgraph.atomic_ops.LockTimeout`.
         durable: fsync every write (the default). ``False`` keeps atomicity
             against process crashes only, not against a power cut.
+        create: Create ``registry_dir``, ``active/`` and ``archive/`` now
+            (the default, as htmlgraph does). ``False`` creates nothing until
+            the first change, and reading a registry that does not exist
+            returns empty results (what ``htmlgraph sessions list`` uses).
+
+    Raises:
+        OSError: ``create`` is true and the directories cannot be created.
+        TypeError: ``registry_dir`` or ``lock_timeout`` has the wrong type.
+        ValueError: ``lock_timeout`` is negative or NaN.
     """
+
+    #: Where the registry lives under the current directory by default.
+    DEFAULT_REGISTRY_SUBPATH = ".htmlgraph/sessions/registry"
+    #: The index file's name in ``registry_dir``.
+    INDEX_FILE = ".index.json"
+    #: The directory of active records.
+    ACTIVE_DIR = "active"
+    #: The directory of archived records.
+    ARCHIVE_DIR = "archive"
 
     def __init__(
         self,
@@ -430,9 +640,10 @@ class SessionRegistry:
         *,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         durable: bool = True,
+        create: bool = True,
     ) -> None:
         if registry_dir is None:
-            directory = Path.cwd().joinpath(*_REGISTRY_PARTS)
+            directory = Path.cwd() / self.DEFAULT_REGISTRY_SUBPATH
         elif isinstance(registry_dir, (str, os.PathLike)):
             directory = Path(os.fspath(registry_dir)).absolute()
         else:
@@ -443,14 +654,16 @@ class SessionRegistry:
         if not lock_timeout >= 0:
             raise ValueError(f"lock_timeout must be >= 0, not {lock_timeout!r}")
         self.registry_dir = directory
-        self.active_dir = directory / "active"
-        self.archive_dir = directory / "archive"
-        self.index_path = directory / _INDEX_NAME
+        self.active_dir = directory / self.ACTIVE_DIR
+        self.archive_dir = directory / self.ARCHIVE_DIR
+        self.index_file = directory / self.INDEX_FILE
         self.lock_dir = directory / _LOCK_NAME
         self.lock_timeout = float(lock_timeout)
         self.durable = durable
         self._lock: DirectoryLocker | None = None
         self._locker_guard = threading.Lock()
+        if create:
+            self._make_dirs()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.registry_dir)!r})"
@@ -468,35 +681,71 @@ class SessionRegistry:
         self._locker_guard = threading.Lock()
 
     # ------------------------------------------------------------------
+    # htmlgraph's helpers
+    # ------------------------------------------------------------------
+    @staticmethod
+    def _get_utc_timestamp() -> str:
+        """Return the time now as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (UTC, microseconds)."""
+        return _timestamp(_utcnow())
+
+    @staticmethod
+    def _write_atomic(path: str | os.PathLike[str], data: Mapping[str, object]) -> None:
+        """Replace ``path`` with ``data`` as JSON (indent 2), atomically and durably.
+
+        A reader sees the old file or the new one, the new one survives a
+        power cut once this returns, and no temp file is left either way
+        (:func:`~htmlgraph.atomic_ops.atomic_json_write`). Takes no lock.
+        """
+        atomic_json_write(path, dict(data), indent=2)
+
+    @staticmethod
+    def _read_json(path: str | os.PathLike[str]) -> dict[str, object] | None:
+        """Return the JSON object in ``path``; None if it is missing or not a JSON object.
+
+        Reads without following a symlink or blocking on a FIFO.
+
+        Raises:
+            OSError: The file exists but cannot be read (other than missing).
+        """
+        try:
+            found = _load_json(Path(os.fspath(path)))
+        except _CorruptFileError:
+            return None
+        if found is None or not isinstance(found[0], dict):
+            return None
+        return cast("dict[str, object]", found[0])
+
+    # ------------------------------------------------------------------
     # Public API
     # ------------------------------------------------------------------
     def get_instance_id(self) -> str:
-        """Return the id of the calling process: ``{host}-{pid}-{16 hex}``.
+        """Return the id of the calling process: ``inst-{pid}-{hostname}-{start}``.
 
-        Stable for the life of the process and recomputed in a forked child
-        (its pid differs). The hex digest covers the full host name, the pid
-        and the process start token (Linux: boot id + start time; Windows:
-        creation time; elsewhere a random value drawn once per process), so
-        ids differ across hosts and across a reused pid. Always a safe file
-        name. Touches no disk; thread-safe.
+        ``hostname`` is ``socket.gethostname()`` as is (made safe only if it
+        holds characters a file name cannot, see ``docs/session-registry.md``)
+        and ``start`` the process start time in whole seconds since the epoch
+        (from the OS: Linux ``/proc``, Windows creation time; on macOS the
+        time this module was imported). Stable for the life of the process,
+        recomputed in a forked child, and different for a later process that
+        reuses the pid (unless it started in the same second: then the start
+        token in the record tells them apart). Touches no disk; thread-safe.
         """
         return _current_instance_id()
 
     def get_session_file_path(self, instance_id: str) -> Path:
-        """Return ``active/{instance_id}.json`` for ``instance_id`` (no disk access).
+        """Return ``active/{instance_id}.json`` (no check that it exists).
 
         Raises:
-            ValueError: ``instance_id`` is unsafe as a file name.
-            TypeError: ``instance_id`` is not a str.
+            ValueError: ``instance_id`` is not a str or is unsafe as a file name.
         """
         return self._active_path(_check_id("instance id", instance_id))
 
     def register_session(
         self,
         session_id: str,
-        repo: Mapping[str, object] | None = None,
-        instance: Mapping[str, object] | None = None,
-    ) -> str:
+        repo_info: Mapping[str, object] | None = None,
+        instance_info: Mapping[str, object] | None = None,
+    ) -> Path:
         """Register the calling process as the instance running ``session_id``.
 
         Writes ``active/{instance_id}.json`` atomically and durably, then the
@@ -506,120 +755,134 @@ class SessionRegistry:
         ``repo``/``instance`` replaced); registering with a different session
         first archives this instance's previous record (reason
         ``re-registered``). A session held by another instance whose process
-        is provably gone (same host, pid dead or reused) is taken over and the
-        old record archived (reason ``superseded``).
+        is provably gone (same host and pid namespace, pid dead or reused) is
+        taken over and the old record archived (reason ``superseded``).
 
         Args:
             session_id: The session this instance works on (a safe name).
-            repo: JSON-serialisable facts about the repository (path, branch,
-                commit...), stored as given.
-            instance: JSON-serialisable facts about the instance (agent,
-                model, version...), stored as given.
+            repo_info: JSON-serialisable facts about the repository (path,
+                remote, branch, commit), stored as ``repo`` (``{}`` if None).
+            instance_info: JSON-serialisable facts about the instance, stored
+                as ``instance``; if None, this process's ``pid``,
+                ``hostname`` and ``start_time``.
 
         Returns:
-            This process's instance id (:meth:`get_instance_id`).
+            The path of the record written, ``active/{instance_id}.json``.
 
         Raises:
-            ValueError: ``session_id`` is unsafe, or ``repo``/``instance``
-                holds NaN/infinity or a cycle (checked before any disk access).
-            TypeError: An argument has the wrong type or is not serialisable.
+            ValueError: ``session_id`` is empty, not a str (also a
+                ``TypeError``) or unsafe, or the info holds NaN/infinity or a
+                cycle (checked before any disk access).
+            TypeError: The info is not a mapping or not serialisable.
             SessionConflictError: Another, possibly live, instance holds the
                 session.
             LockTimeout: The registry lock was not acquired in time.
         """
         _check_id("session id", session_id)
-        repo_data = _check_info("repo", repo)
-        instance_data = _check_info("instance", instance)
+        repo_data = _check_info("repo_info", repo_info)
+        instance_data = _check_info("instance_info", instance_info)
         instance_id = self.get_instance_id()
         pid = os.getpid()
+        host = _hostname()
+        token = _own_start_token(pid)
+        namespace = _platform.pid_namespace()
+        if instance_data is None:
+            start = _process_start_seconds(pid)
+            moment = datetime.fromtimestamp(_IMPORT_SECONDS if start is None else start)
+            instance_data = {"pid": pid, "hostname": host, "start_time": _timestamp(moment)}
         with self._exclusive():
-            entries = self._load_index_locked()
+            state = self._scan_locked()
             now = _utcnow()
-            holder = entries.get(session_id)
-            other = None
-            if holder is not None and holder["instance_id"] != instance_id:
-                other = self._read_record_locked(holder["instance_id"], entries)
-                if other is None or other["session_id"] != session_id:
-                    # The entry disagrees with the record (an update was cut
-                    # short between its two writes): trust the records.
-                    entries = self._rebuild_locked(
-                        f"its entry for session {session_id!r} disagrees with the records"
-                    )
-                    holder = entries.get(session_id)
-                    other = None
-                    if holder is not None and holder["instance_id"] != instance_id:
-                        other = self._read_record_locked(holder["instance_id"], entries)
-            if other is not None:
-                if self.process_state(other) != "gone":
-                    raise SessionConflictError(session_id, other["instance_id"])
-                self._archive_locked(other, "superseded", now)
-                _drop_instance(entries, other["instance_id"])
-            existing = self._read_record_locked(instance_id, entries)
-            created = _iso(now)
+            entry = state.entries.get(session_id)
+            holders = sorted(
+                (name != (entry and entry["instance_id"]), name)
+                for name, record in state.records.items()
+                if record["session_id"] == session_id and name != instance_id
+            )
+            for _, name in holders:
+                if self.process_state(state.records[name]) != "gone":
+                    raise SessionConflictError(session_id, name)
+            for _, name in holders:
+                self._archive_locked(state, name, "superseded", now)
+            created = _timestamp(now)
+            existing = state.records.get(instance_id)
             if existing is not None:
-                if existing["session_id"] == session_id:
+                same_process = (
+                    existing.get("format") == FORMAT_VERSION
+                    and existing.get("pid") == pid
+                    and existing.get("hostname") == host
+                    and existing.get("process_start") == token
+                    and existing.get("pid_namespace") == namespace
+                )
+                if not same_process:
+                    # An earlier process under the same id (a pid reused in
+                    # the same second) or another tool's record: keep it.
+                    self._archive_locked(state, instance_id, "superseded", now)
+                elif existing["session_id"] == session_id:
                     created = existing["created"]
                 else:
                     # Finish the archive, index included, before the new
-                    # record appears: a crash in between then leaves a
-                    # membership mismatch (detected), never a record whose
-                    # index entry names its old session.
-                    self._archive_locked(existing, "re-registered", now)
-                    _drop_instance(entries, instance_id)
-                    self._write_index(entries)
+                    # record appears: a crash in between then leaves an
+                    # instance with no record, never a record whose index
+                    # entry names its old session.
+                    self._archive_locked(state, instance_id, "re-registered", now)
+                    self._write_index(state)
             record = SessionRecord(
-                format=FORMAT_VERSION,
                 instance_id=instance_id,
                 session_id=session_id,
-                hostname=_hostname(),
-                pid=pid,
-                process_start=_own_start_token(pid),
-                pid_namespace=_platform.pid_namespace(),
                 created=created,
-                last_activity=_iso(now),
-                repo=repo_data,
+                repo=repo_data if repo_data is not None else {},
                 instance=instance_data,
+                status="active",
+                last_activity=_timestamp(now),
+                format=FORMAT_VERSION,
+                hostname=host,
+                pid=pid,
+                process_start=token,
+                pid_namespace=namespace,
             )
-            self._write_record(record)
-            _drop_instance(entries, instance_id)
-            entries[session_id] = _entry_for(record)
-            self._write_index(entries)
+            path = self._write_record(instance_id, record)
+            state.records[instance_id] = record
+            self._write_index(state)
         logger.debug("registered instance %s for session %s", instance_id, session_id)
-        return instance_id
+        return path
 
     def read_session(self, instance_id: str) -> SessionRecord | None:
         """Return the active record of ``instance_id``, or None if it has none.
 
         Reads one atomically replaced file without taking the lock, so it
         never blocks and never sees a partial record; a record archived
-        concurrently reads as None. A corrupt record is reported with a
-        WARNING and read as None (:meth:`get_index`, :meth:`reap_stale` or a
-        change to that instance moves it into ``archive/`` as ``.corrupt``).
+        concurrently reads as None. A record that is not a JSON object with a
+        session id is reported with a WARNING and read as None (the next
+        change moves it into ``archive/`` as ``.corrupt``). A record in this
+        package's earlier format reads in today's.
 
         Raises:
-            ValueError: ``instance_id`` is unsafe as a file name.
-            TypeError: ``instance_id`` is not a str.
+            ValueError: ``instance_id`` is not a str or is unsafe as a file name.
         """
         _check_id("instance id", instance_id)
         return self._read_record_unlocked(instance_id)
 
     def get_current_sessions(self) -> list[SessionRecord]:
-        """Return every active record, oldest ``created`` first.
+        """Return every readable record in ``active/``, oldest ``created`` first.
 
-        Lock-free: lists ``active/`` and reads each atomically replaced file,
-        so it never blocks behind writers, never sees a partial record and
-        skips records archived while it runs. Corrupt records are skipped with
-        a WARNING. Each record is read whole, but the list is not one
-        snapshot: a change made while it runs may or may not be included
-        (:meth:`get_index` gives one consistent state).
-        Returns ``[]`` when the registry does not exist (and creates nothing).
+        Every tool's records are listed, htmlgraph's own included. Lock-free:
+        lists ``active/`` and reads each atomically replaced file, so it never
+        blocks behind writers, never sees a partial record and skips records
+        archived while it runs. Unreadable records are skipped with a WARNING.
+        Each record is read whole, but the list is not one snapshot
+        (:meth:`get_index` gives one consistent state). Returns ``[]`` when
+        ``active/`` does not exist.
         """
         records = []
         for instance_id in sorted(self._active_names()):
             record = self._read_record_unlocked(instance_id)
             if record is not None:
                 records.append(record)
-        records.sort(key=lambda r: (cast(datetime, _parse_time(r["created"])), r["instance_id"]))
+        epoch = datetime.min.replace(tzinfo=timezone.utc)
+        records.sort(
+            key=lambda r: (_parse_time(r.get("created")) or epoch, r.get("instance_id", ""))
+        )
         return records
 
     def get_index(self) -> dict[str, IndexEntry]:
@@ -627,131 +890,95 @@ class SessionRegistry:
 
         Read under the registry's shared lock, so it is one consistent state
         (no change is half-applied while it is held), and checked against the
-        active records read under the same lock: every entry names a valid
-        record of that session, and ``last_activity`` is the record's. If the
-        index is missing, corrupt, out of step with ``active/`` or disagrees
-        with a record (a corrupt record is quarantined), it is rebuilt from the
-        records under the exclusive lock, with a WARNING. Costs one read per
-        active record. Returns ``{}`` when the registry does not exist (and
-        creates nothing).
+        active records read under the same lock. If the index is missing,
+        corrupt, in the earlier format or disagrees with the records (a crash,
+        or a tool that writes without the lock), it is re-derived from them
+        and rewritten under the exclusive lock. Costs one read per active
+        record. Returns ``{}`` when the registry does not exist.
 
         Raises:
             LockTimeout: The registry lock was not acquired in time.
         """
-        if not self._exists():
-            return {}
-        with self._shared():
-            entries = self._try_load_index()
-            if entries is not None and self._agrees_with_records(entries):
-                return entries
-        with self._exclusive():
-            entries = self._load_index_locked()
-            if not self._agrees_with_records(entries):
-                entries = self._rebuild_locked("it disagrees with the active records")
-            return entries
+        return self._consistent_state().entries
 
     def find_session(self, session_id: str) -> SessionRecord | None:
         """Return the active record of the instance running ``session_id``, or None.
 
-        Looks the session up in the index under the shared lock (rebuilding a
-        missing or corrupt index as :meth:`get_index` does) and reads the
-        instance's record while still holding it, so the answer is consistent.
+        The index and the record are read in one consistent state, as
+        :meth:`get_index` does.
 
         Raises:
-            ValueError: ``session_id`` is unsafe.
-            TypeError: ``session_id`` is not a str.
+            ValueError: ``session_id`` is not a str or is unsafe.
             LockTimeout: The registry lock was not acquired in time.
         """
         _check_id("session id", session_id)
-        if not self._exists():
-            return None
-        with self._shared():
-            entries = self._try_load_index()
-            if entries is not None:
-                entry = entries.get(session_id)
-                if entry is None:
-                    return None
-                record = self._read_record_unlocked(entry["instance_id"])
-                if record is not None and record["session_id"] == session_id:
-                    return record
-        # Missing, corrupt or stale index: repair it under the exclusive lock.
-        with self._exclusive():
-            entries = self._load_index_locked()
-            entry = entries.get(session_id)
-            record = (
-                None if entry is None else self._read_record_locked(entry["instance_id"], entries)
-            )
-            if entry is not None and (record is None or record["session_id"] != session_id):
-                entries = self._rebuild_locked(
-                    f"its entry for session {session_id!r} disagrees with the records"
-                )
-                entry = entries.get(session_id)
-                record = None if entry is None else self._read_record_unlocked(entry["instance_id"])
-            return record
+        state = self._consistent_state()
+        entry = state.entries.get(session_id)
+        return None if entry is None else state.records[entry["instance_id"]]
 
     def update_activity(self, instance_id: str) -> bool:
         """Record a heartbeat: set ``last_activity`` of ``instance_id`` to now.
 
-        Rewrites the record atomically and durably, then the index entry,
-        under the exclusive lock (so a heartbeat can never resurrect a record
-        that a concurrent archive removed). Safe across threads and processes.
+        Rewrites the record atomically and durably (in today's format, every
+        other field kept), then the index entry, under the exclusive lock, so
+        a heartbeat can never resurrect a record that a concurrent archive
+        removed. Works on any tool's record. Safe across threads and processes.
 
         Returns:
             True if the instance was active and is updated; False if it has no
             active record (never registered, archived or reaped).
 
         Raises:
-            ValueError: ``instance_id`` is unsafe as a file name.
-            TypeError: ``instance_id`` is not a str.
+            ValueError: ``instance_id`` is not a str or is unsafe as a file name.
             LockTimeout: The registry lock was not acquired in time.
         """
         _check_id("instance id", instance_id)
         if not self._exists():
             return False
         with self._exclusive():
-            entries, record = self._active_record_locked(instance_id)
+            state = self._scan_locked()
+            record = state.records.get(instance_id)
             if record is None:
                 return False
             updated = cast(SessionRecord, dict(record))
-            updated["last_activity"] = _iso(_utcnow())
-            self._write_record(updated)
-            timestamp_only = _sessions_of(entries, instance_id) == [updated["session_id"]]
-            _drop_instance(entries, instance_id)
-            entries[updated["session_id"]] = _entry_for(updated)
-            # A heartbeat only moves a timestamp the record already holds
-            # durably, so its index write skips the fsyncs: a power cut can
-            # lose it (the index lags) or tear it (the next use rebuilds it).
-            self._write_index(entries, durable=self.durable and not timestamp_only)
+            updated["last_activity"] = _timestamp(_utcnow())
+            self._write_record(instance_id, updated)
+            before = _membership(state.entries)
+            state.records[instance_id] = updated
+            # A heartbeat that only moves a timestamp the record already holds
+            # durably skips the index's fsyncs: a power cut can lose it (the
+            # index lags by one beat) or tear it (the next change rebuilds it).
+            self._write_index(state, timestamps_only=before == _membership(state.entries))
         return True
 
     def archive_session(self, instance_id: str) -> bool:
-        """Move the active record of ``instance_id`` into ``archive/``.
+        """Move the active record of ``instance_id`` to ``archive/{instance_id}.json``.
 
-        Under the exclusive lock: writes ``archive/{instance_id}-{stamp}.json``
-        (create-only, atomic, durable) with ``archived`` and
-        ``archive_reason: "archived"`` added, then removes the active record,
-        then updates the index. A crash between the steps leaves a state the
-        next change repairs (see ``docs/session-registry.md``). Safe across
-        threads and processes; archiving twice is harmless.
+        Under the exclusive lock: writes the archive copy (create-only,
+        atomic, durable) with ``archived`` and ``archive_reason: "archived"``
+        added, then removes the active record, then updates the index. An
+        earlier archive of the same instance is first moved aside to
+        ``archive/{instance_id}-{stamp}.json``, never overwritten. A crash
+        between the steps leaves a state the next change repairs (see
+        ``docs/session-registry.md``). Safe across threads and processes.
 
         Returns:
             True if a record was archived; False if there was none.
 
         Raises:
-            ValueError: ``instance_id`` is unsafe as a file name.
-            TypeError: ``instance_id`` is not a str.
+            ValueError: ``instance_id`` is not a str or is unsafe as a file name.
             LockTimeout: The registry lock was not acquired in time.
         """
         _check_id("instance id", instance_id)
         if not self._exists():
             return False
         with self._exclusive():
-            entries, record = self._active_record_locked(instance_id)
+            state = self._scan_locked()
+            record = state.records.get(instance_id)
             if record is None:
                 return False
-            self._archive_locked(record, "archived", _utcnow())
-            _drop_instance(entries, instance_id)
-            self._write_index(entries)
+            self._archive_locked(state, instance_id, "archived", _utcnow())
+            self._write_index(state)
         logger.debug("archived instance %s", instance_id)
         return True
 
@@ -759,13 +986,13 @@ class SessionRegistry:
         """Archive instances that are gone or idle; return their ids, sorted.
 
         An instance is reaped (under the exclusive lock, each record archived
-        as :meth:`archive_session` does) when its record names this host and
-        its process is provably gone - the pid no longer exists, or it exists
-        with a different start token (reused pid) - reason ``process-gone``;
-        or when its last heartbeat is older than ``max_idle`` seconds on any
-        host - reason ``idle``. Instances on other hosts are judged by
-        heartbeat age only. Also removes orphaned temp files that crashed
-        writers left in the registry. Safe across threads and processes.
+        as :meth:`archive_session` does) when :meth:`process_state` proves its
+        process gone - reason ``process-gone`` - or when its last heartbeat
+        is older than ``max_idle`` seconds - reason ``idle``. Records of other
+        hosts or pid namespaces, records with an unusable pid, and records in
+        htmlgraph's own format (no pid namespace) are reaped by heartbeat age
+        only. Also removes orphaned temp files that crashed writers left in
+        the registry. Safe across threads and processes.
 
         Args:
             max_idle: Heartbeat age in seconds beyond which an instance is
@@ -788,13 +1015,9 @@ class SessionRegistry:
             return []
         reaped: list[str] = []
         with self._exclusive():
-            entries = self._load_index_locked()
-            before = dict(entries)
+            state = self._scan_locked()
             now = _utcnow()
-            for instance_id in sorted(self._active_names()):
-                record = self._read_record_locked(instance_id, entries)
-                if record is None:
-                    continue
+            for name, record in sorted(state.records.items()):
                 reason: ArchiveReason | None = None
                 if self.process_state(record) == "gone":
                     reason = "process-gone"
@@ -804,47 +1027,57 @@ class SessionRegistry:
                         reason = "idle"
                 if reason is None:
                     continue
-                self._archive_locked(record, reason, now)
-                _drop_instance(entries, instance_id)
-                reaped.append(instance_id)
-                logger.info("reaped instance %s (%s)", instance_id, reason)
-            if entries != before:
-                self._write_index(entries)
+                self._archive_locked(state, name, reason, now)
+                reaped.append(name)
+                logger.info("reaped instance %s (%s)", name, reason)
+            if reaped:
+                self._write_index(state)
         for directory in (self.active_dir, self.archive_dir, self.registry_dir):
-            cleanup_orphaned_temp_files(directory, age_hours=_ORPHAN_AGE_HOURS)
+            if directory.is_dir():
+                cleanup_orphaned_temp_files(directory, age_hours=_ORPHAN_AGE_HOURS)
         return reaped
 
     def process_state(self, record: Mapping[str, object]) -> ProcessState:
         """Say whether the process that wrote ``record`` still runs.
 
-        ``"gone"`` only on proof: the record names this host (and, on Linux,
-        this pid namespace) and its pid does not exist, is a zombie (killed,
-        not yet waited for), or exists with a different start token (reused
-        pid). ``"unknown"`` for another host or pid namespace (no way to ask
-        it) or an unreadable pid; ``"alive"`` otherwise. Read-only, no lock;
-        the answer may be out of date by the time it is used.
+        Decided by ``_identity.owner_state`` (the one rule the lock and the
+        temp cleanup also use): ``"gone"`` only on proof - this host, this
+        pid namespace, and the pid does not exist, is a zombie, or now
+        belongs to a process with another start token. Our records carry
+        ``hostname``, ``pid``, ``process_start`` and ``pid_namespace``.
+        htmlgraph's own records carry only ``instance.pid`` and
+        ``instance.hostname``, no namespace: on Linux they are always
+        ``"unknown"`` (a pid from an unknown namespace is never judged) and
+        are reaped by idle time alone. A pid that is not one (out of range, a
+        bool, a string of non-ASCII digits) is ``"unknown"`` too, never proof
+        of death. Read-only, no lock; the answer may be out of date by the
+        time it is used.
         """
-        pid = record.get("pid")
-        if record.get("hostname") != _hostname() or not _is_int(pid):
+        fmt = record.get("format")
+        if _is_int(fmt) and cast(int, fmt) >= 1:
+            pid_value, host = record.get("pid"), record.get("hostname")
+            namespace, start = record.get("pid_namespace"), record.get("process_start")
+        else:
+            instance = record.get("instance")
+            if not isinstance(instance, dict):
+                return "unknown"
+            pid_value, host = instance.get("pid"), instance.get("hostname")
+            namespace = start = None
+        pid = _identity.parse_pid(pid_value)
+        if (
+            pid is None
+            or not isinstance(host, str)
+            or not isinstance(namespace, (str, type(None)))
+            or not isinstance(start, (str, type(None)))
+        ):
             return "unknown"
-        namespace, ours = record.get("pid_namespace"), _platform.pid_namespace()
-        if isinstance(namespace, str) and ours is not None and namespace != ours:
-            return "unknown"
-        pid = cast(int, pid)
-        if not _platform.pid_exists(pid) or _platform.pid_is_zombie(pid):
-            return "gone"
-        recorded = record.get("process_start")
-        if isinstance(recorded, str):
-            current = _platform.process_start_token(pid)
-            if current is not None and current != recorded:
-                return "gone"
-        return "alive"
+        return _identity.owner_state(pid, host, namespace, start)
 
     # ------------------------------------------------------------------
     # Internals. "_locked" methods run with the exclusive lock held.
     # ------------------------------------------------------------------
     def _exists(self) -> bool:
-        return self.active_dir.is_dir() or self.index_path.exists()
+        return self.active_dir.is_dir() or self.index_file.exists()
 
     def _active_path(self, instance_id: str) -> Path:
         return self.active_dir / f"{instance_id}{_SUFFIX}"
@@ -853,21 +1086,19 @@ class SessionRegistry:
         # One locker for the life of this registry object, made on first use
         # (its constructor creates the lock directory). Threads sharing the
         # object take turns on it, and a long-lived locker also sweeps the
-        # pending files that killed claimants leave (DirectoryLocker only
-        # removes one after seeing it for a while).
+        # pending files that killed claimants leave.
         with self._locker_guard:
             if self._lock is None:
-                self._make_registry_dir()
+                self._make_dirs()
                 self._lock = DirectoryLocker(self.lock_dir)
             return self._lock
 
-    def _make_registry_dir(self) -> None:
-        """Create the registry directory and missing parents, durably.
+    def _make_dirs(self) -> None:
+        """Create the registry directory (and parents), ``active/`` and ``archive/``, durably.
 
-        The writer makes the directories *it* creates durable (``active/``,
-        ``archive/``), but the registry directory itself would otherwise come
-        from the lock directory's plain ``mkdir``: a power cut could then take
-        the whole registry, durably written records included, with it.
+        Each directory made is followed by an fsync of its parent (with
+        ``durable``), so a power cut cannot take the registry, durably written
+        records included, with it.
         """
         missing = []
         directory = self.registry_dir
@@ -876,7 +1107,9 @@ class SessionRegistry:
             if directory.parent == directory:
                 break
             directory = directory.parent
-        for directory in reversed(missing):
+        missing.reverse()
+        missing.extend(d for d in (self.active_dir, self.archive_dir) if not d.is_dir())
+        for directory in missing:
             try:
                 directory.mkdir()
             except FileExistsError:
@@ -905,185 +1138,167 @@ class SessionRegistry:
         return {
             name[: -len(_SUFFIX)]
             for name in names
-            if name.endswith(_SUFFIX) and not name.startswith(".")
+            if name.endswith(_SUFFIX) and not name.startswith(".") and len(name) > len(_SUFFIX)
         }
 
     def _read_record_unlocked(self, instance_id: str) -> SessionRecord | None:
         path = self._active_path(instance_id)
         try:
-            return _validate_record(_read_json(path), instance_id)
+            found = _load_json(path)
+            return None if found is None else _parse_record(found[0], instance_id, found[1])
         except _CorruptFileError as exc:
-            if not path.exists():
+            if not os.path.lexists(path):
                 return None  # archived between the read and the check
-            logger.warning("skipping corrupt session record %s: %s", path, exc)
+            logger.warning("skipping unreadable session record %s: %s", path, exc)
             return None
 
-    def _active_record_locked(
-        self, instance_id: str
-    ) -> tuple[dict[str, IndexEntry], SessionRecord | None]:
-        """Load the index and ``instance_id``'s active record, under the exclusive lock.
+    def _read_record_locked(self, instance_id: str) -> SessionRecord | None:
+        """Read a record under the exclusive lock; quarantine it if unreadable.
 
-        Without an active record, index entries still naming the instance are
-        dropped and the index written back, so the two agree again.
-        """
-        entries = self._load_index_locked()
-        before = dict(entries)
-        record = self._read_record_locked(instance_id, entries)
-        if record is None:
-            _drop_instance(entries, instance_id)
-            if entries != before:
-                self._write_index(entries)
-        return entries, record
-
-    def _read_record_locked(
-        self, instance_id: str, entries: dict[str, IndexEntry]
-    ) -> SessionRecord | None:
-        """Read a record under the exclusive lock; quarantine it if corrupt.
-
-        A corrupt record is moved to ``archive/`` (WARNING) and its index
-        entries dropped from ``entries``; the caller writes the index.
+        A record in the earlier format is rewritten in today's (the migration).
         """
         path = self._active_path(instance_id)
         try:
-            data = _read_json(path)
-            if data is None:
+            found = _load_json(path)
+            if found is None:
                 return None
-            return _validate_record(data, instance_id)
+            record = _parse_record(found[0], instance_id, found[1])
         except _CorruptFileError as exc:
             self._quarantine_locked(path, str(exc))
-            _drop_instance(entries, instance_id)
             return None
+        if isinstance(found[0], dict) and _is_earlier_format(found[0]):
+            logger.info("migrating session record %s to format %d", path, FORMAT_VERSION)
+            self._write_record(instance_id, record)
+        return record
 
     def _quarantine_locked(self, path: Path, problem: str) -> None:
-        stem = _HOST_UNSAFE.sub("_", path.name[: -len(_SUFFIX)])[:100] or "record"
+        stem = _QUARANTINE_UNSAFE.sub("_", path.name[: -len(_SUFFIX)])[:100] or "record"
         target = self.archive_dir / f"{stem}-{_stamp(_utcnow())}-{_random_token()}.corrupt"
-        logger.warning("moved corrupt session record %s to %s: %s", path, target, problem)
+        logger.warning("moved unreadable session record %s to %s: %s", path, target, problem)
         atomic_rename(path, target, durable=self.durable)
 
-    def _write_record(self, record: Mapping[str, object]) -> None:
-        text = _record_text(record)
-        path = self._active_path(cast(str, record["instance_id"]))
+    def _write_record(self, instance_id: str, record: Mapping[str, object]) -> Path:
+        path = self._active_path(instance_id)
         with AtomicFileWriter(path, durable=self.durable) as f:
-            f.write(text)
+            f.write(_record_text(record))
+        return path
 
-    def _write_index(
-        self, entries: Mapping[str, IndexEntry], *, durable: bool | None = None
-    ) -> None:
+    def _write_index(self, state: _State, *, timestamps_only: bool = False) -> None:
+        """Derive the index from ``state.records`` into ``state.entries`` and write it."""
+        state.entries.clear()
+        state.entries.update(_derive_index(state.records, dict(state.entries)))
+        self._put_index(state.entries, durable=self.durable and not timestamps_only)
+
+    def _put_index(self, entries: Mapping[str, IndexEntry], *, durable: bool) -> None:
         sessions = {session_id: dict(entries[session_id]) for session_id in sorted(entries)}
         atomic_json_write(
-            self.index_path,
-            {"format": FORMAT_VERSION, "sessions": sessions},
-            durable=self.durable if durable is None else durable,
+            self.index_file,
+            {
+                "version": INDEX_VERSION,
+                "updated_at": _timestamp(_utcnow()),
+                "active_sessions": sessions,
+            },
+            durable=durable,
         )
 
-    def _agrees_with_records(self, entries: dict[str, IndexEntry]) -> bool:
-        """Check each entry against its record (lock held); sync ``last_activity``.
-
-        The index's ``last_activity`` may lag its record by one heartbeat after
-        a crash; the record's value is the true one, so it is copied over.
-        """
-        for session_id, entry in entries.items():
-            record = self._read_record_unlocked(entry["instance_id"])
-            if (
-                record is None
-                or record["session_id"] != session_id
-                or record["created"] != entry["created"]
-            ):
-                return False
-            entry["last_activity"] = record["last_activity"]
-        return True
-
-    def _try_load_index(self) -> dict[str, IndexEntry] | None:
-        """Return the index if it is valid and matches ``active/``; None otherwise."""
+    def _stored_index(self) -> tuple[dict[str, IndexEntry] | None, str | None]:
+        """Return the index on disk (None if missing or unusable) and what is wrong with it."""
         try:
-            data = _read_json(self.index_path)
-            entries = None if data is None else _validate_index(data)
-        except _CorruptFileError:
-            return None
-        if entries is None:
-            return None if self._active_names() else {}
-        if {e["instance_id"] for e in entries.values()} != self._active_names():
-            return None
-        return entries
-
-    def _load_index_locked(self) -> dict[str, IndexEntry]:
-        """Load the index, rebuilding it (WARNING) if it is missing, corrupt or stale."""
-        try:
-            data = _read_json(self.index_path)
-            entries = None if data is None else _validate_index(data)
+            found = _load_json(self.index_file)
+            if found is None:
+                return None, "it is missing"
+            entries, current = _parse_index(found[0])
         except _CorruptFileError as exc:
-            return self._rebuild_locked(f"it is corrupt ({exc})")
-        names = self._active_names()
-        if entries is None:
-            if not names:
-                return {}
-            return self._rebuild_locked("it is missing")
-        if {e["instance_id"] for e in entries.values()} != names:
-            # The state an update interrupted between its two writes leaves.
-            return self._rebuild_locked("it is out of step with active/")
-        return entries
+            return None, f"it is corrupt ({exc})"
+        return entries, None if current else "it is in the earlier format"
 
-    def _rebuild_locked(self, why: str) -> dict[str, IndexEntry]:
-        """Rebuild the index from the active records and write it."""
-        entries: dict[str, IndexEntry] = {}
+    def _scan_locked(self) -> _State:
+        """Read every active record (quarantining the unreadable) and bring the index in line.
+
+        Runs at the start of every change. The index is rewritten if it is
+        missing (with records present), corrupt, in the earlier format, or
+        disagrees with the records. A WARNING says why when it was corrupt,
+        missing while records exist, or named other instances or sessions than
+        the records (a crash between two writes, or a tool writing without the
+        lock); timestamps that lag (an interrupted heartbeat, or htmlgraph's
+        own heartbeat, which resets ``created``) are corrected silently.
+        """
         records: dict[str, SessionRecord] = {}
         for name in sorted(self._active_names()):
-            if _id_problem(name) is not None:
-                self._quarantine_locked(self._active_path(name), "unsafe file name")
-                continue
-            record = self._read_record_locked(name, entries)
-            if record is None:
-                continue
-            session_id = record["session_id"]
-            rival = records.get(session_id)
-            if rival is not None:
-                # Two records claim one session (only hand edits or a foreign
-                # writer make this): keep the most recent heartbeat.
-                older, newer = sorted((rival, record), key=_heartbeat_key)
-                logger.warning(
-                    "instances %s and %s both claim session %s; archiving %s",
-                    older["instance_id"],
-                    newer["instance_id"],
-                    session_id,
-                    older["instance_id"],
-                )
-                self._archive_locked(older, "superseded", _utcnow())
-                record = newer
-            records[session_id] = record
-            entries[session_id] = _entry_for(record)
-        logger.warning(
-            "rebuilt session index %s from %d active record(s): %s",
-            self.index_path,
-            len(entries),
-            why,
-        )
-        self._write_index(entries)
-        return entries
+            record = self._read_record_locked(name)
+            if record is not None:
+                records[name] = record
+        stored, problem = self._stored_index()
+        entries = _derive_index(records, stored)
+        if problem is None and stored is not None and stored == entries:
+            return _State(entries, records)
+        if stored is None and not records and problem == "it is missing":
+            return _State(entries, records)
+        if stored is None and problem is not None and (records or "corrupt" in problem):
+            logger.warning(
+                "rebuilt session index %s from %d active record(s): %s",
+                self.index_file,
+                len(records),
+                problem,
+            )
+        elif stored is not None and _membership(stored) != _membership(entries):
+            logger.warning(
+                "rewrote session index %s: it was out of step with the records in active/",
+                self.index_file,
+            )
+        self._put_index(entries, durable=self.durable)
+        return _State(entries, records)
 
-    def _archive_locked(self, record: SessionRecord, reason: ArchiveReason, now: datetime) -> Path:
-        """Copy ``record`` into ``archive/``, then remove its active file.
+    def _consistent_state(self) -> _State:
+        """The index and records in one consistent state (shared lock; exclusive to repair)."""
+        if not self._exists():
+            return _State({}, {})
+        with self._shared():
+            records: dict[str, SessionRecord] = {}
+            for name in sorted(self._active_names()):
+                record = self._read_record_unlocked(name)
+                if record is None and os.path.lexists(self._active_path(name)):
+                    records = {}
+                    break  # unreadable: quarantine it under the exclusive lock
+                if record is not None:
+                    records[name] = record
+            else:
+                stored, problem = self._stored_index()
+                if problem is None and stored is not None:
+                    if stored == _derive_index(records, stored):
+                        return _State(stored, records)
+                elif stored is None and not records and problem == "it is missing":
+                    return _State({}, {})
+        with self._exclusive():
+            return self._scan_locked()
+
+    def _archive_locked(
+        self, state: _State, name: str, reason: ArchiveReason, now: datetime
+    ) -> Path:
+        """Copy the record of instance ``name`` to ``archive/{name}.json``, then remove it.
 
         The archive copy is written create-only and durably *before* the
         active file goes, so a crash in between leaves the record active (and
-        archived once more next time), never lost.
+        archived once more next time), never lost. An existing
+        ``archive/{id}.json`` is first copied aside (see :meth:`_move_aside_locked`).
+        Drops the record from ``state.records``; the caller writes the index.
         """
-        data: dict[str, object] = dict(record)
-        data["archived"] = _iso(now)
+        data: dict[str, object] = dict(state.records[name])
+        data["archived"] = _timestamp(now)
         data["archive_reason"] = reason
         text = _record_text(data)
-        base = f"{record['instance_id']}-{_stamp(now)}"
-        attempt = 0
-        while True:
-            suffix = "" if attempt == 0 else f"-{attempt}"
-            target = self.archive_dir / f"{base}{suffix}{_SUFFIX}"
+        target = self.archive_dir / f"{name}{_SUFFIX}"
+        for _ in range(100):
             try:
                 with AtomicFileWriter(target, durable=self.durable, overwrite=False) as f:
                     f.write(text)
             except FileExistsError:
-                attempt += 1
+                self._move_aside_locked(target, name)
                 continue
             break
-        active = self._active_path(record["instance_id"])
+        else:  # pragma: no cover - only a writer racing us without the lock
+            raise FileExistsError(errno.EEXIST, "archive name keeps reappearing", str(target))
+        active = self._active_path(name)
         try:
             _remove(active)
         except FileNotFoundError:
@@ -1091,19 +1306,35 @@ class SessionRegistry:
         else:
             if self.durable:
                 _platform.fsync_dir(str(self.active_dir))
+        del state.records[name]
         return target
 
+    def _move_aside_locked(self, target: Path, name: str) -> None:
+        """Keep an earlier ``archive/{name}.json`` as ``archive/{name}-{stamp}.json``.
 
-def _sessions_of(entries: Mapping[str, IndexEntry], instance_id: str) -> list[str]:
-    return [s for s, e in entries.items() if e["instance_id"] == instance_id]
-
-
-def _drop_instance(entries: dict[str, IndexEntry], instance_id: str) -> None:
-    """Remove every index entry that points at ``instance_id``."""
-    for session_id in _sessions_of(entries, instance_id):
-        del entries[session_id]
-
-
-def _heartbeat_key(record: SessionRecord) -> tuple[datetime, str]:
-    moment = _parse_time(record["last_activity"]) or datetime.min.replace(tzinfo=timezone.utc)
-    return (moment, record["instance_id"])
+        The stamp is the earlier file's mtime (when it was archived), with
+        ``-1``, ``-2``... if taken. Copied create-only and durably, then
+        removed: a crash in between leaves two copies, never none.
+        """
+        try:
+            found = _read_file(target)
+        except _CorruptFileError as exc:
+            self._quarantine_locked(target, str(exc))
+            return
+        if found is None:
+            return
+        content, mtime = found
+        base = f"{name}-{_stamp(datetime.fromtimestamp(mtime, timezone.utc))}"
+        attempt = 0
+        while True:
+            suffix = "" if attempt == 0 else f"-{attempt}"
+            aside = self.archive_dir / f"{base}{suffix}{_SUFFIX}"
+            try:
+                with AtomicFileWriter(aside, mode="wb", durable=self.durable, overwrite=False) as f:
+                    f.write(content)
+            except FileExistsError:
+                attempt += 1
+                continue
+            break
+        with suppress(FileNotFoundError):
+            _remove(target)
