@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from _writehelpers import temp_name_for
 from htmlgraph import _platform, atomic_ops, session_registry
 from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout, cleanup_orphaned_temp_files
 from htmlgraph.session_registry import MAX_ID_BYTES, SessionConflictError, SessionRegistry
@@ -973,11 +974,11 @@ def test_reap_archives_idle_instances_on_any_host(
 
 def test_reap_removes_orphaned_temp_files(reg: SessionRegistry) -> None:
     register(reg, "s1")
-    orphan = reg.active_dir / f".tmp-{dead_pid()}-0123456789abcdef-x.json"
+    orphan = reg.active_dir / temp_name_for(dead_pid(), "x.json")
     orphan.write_text("{", encoding="utf-8")
     old = time.time() - 2 * 3600
     os.utime(orphan, (old, old))
-    fresh = reg.active_dir / f".tmp-{dead_pid()}-fedcba9876543210-y.json"
+    fresh = reg.active_dir / temp_name_for(dead_pid(), "y.json")
     fresh.write_text("{", encoding="utf-8")
     assert reg.reap_stale(max_idle=None) == []
     assert not orphan.exists()
@@ -1947,7 +1948,7 @@ def test_a_pid_that_is_not_a_pid_is_unknown_and_never_crashes(
 def test_registry_tolerates_a_directory_fsync_that_says_einval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if _platform.IS_WINDOWS:
+    if sys.platform == "win32":
         pytest.skip("no directory fsync on Windows")
     real_fsync = os.fsync
     refused: list[int] = []

@@ -52,6 +52,7 @@ __all__ = [
     "process_start_token",
     "replace",
     "set_mode",
+    "start_token_seconds",
     "umask",
     "unlink",
 ]
@@ -108,6 +109,7 @@ if sys.platform == "win32":
     _SHARING_ATTEMPTS = 10
     _SHARING_FIRST_DELAY = 0.001
     _SHARING_MAX_DELAY = 0.1
+    _FILETIME_EPOCH_OFFSET = 11_644_473_600  # seconds from 1601-01-01 to 1970-01-01
     _PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
     _STILL_ACTIVE = 259
     _kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
@@ -196,6 +198,13 @@ if sys.platform == "win32":
             return str((created.dwHighDateTime << 32) | created.dwLowDateTime)
         finally:
             _kernel32.CloseHandle(handle)
+
+    def start_token_seconds(token: str) -> int | None:
+        """Return the start time in ``token`` (a FILETIME) as seconds since the epoch."""
+        try:
+            return int(token) // 10_000_000 - _FILETIME_EPOCH_OFFSET
+        except ValueError:
+            return None
 
     def pid_is_zombie(pid: int) -> bool:
         """Return False: an exited Windows process is not STILL_ACTIVE (see pid_exists)."""
@@ -406,6 +415,23 @@ else:
                 return None
             return f"{_boot_id()}:{fields[19].decode('ascii')}"
 
+        @lru_cache(maxsize=1)
+        def _boot_seconds() -> int | None:
+            data = _read("/proc/stat", 1 << 16)
+            start = -1 if data is None else data.find(b"\nbtime ")
+            if data is None or start < 0:
+                return None
+            return int(data[start + 7 : data.find(b"\n", start + 1)])
+
+        def start_token_seconds(token: str) -> int | None:
+            """Return the start time in ``token`` as seconds since the epoch (proc(5) btime)."""
+            boot = _boot_seconds()
+            try:
+                ticks = int(token.rsplit(":", 1)[-1])
+            except ValueError:
+                return None
+            return None if boot is None else boot + ticks // os.sysconf("SC_CLK_TCK")
+
         def _dead(data: bytes | None) -> bool:
             if data is None:
                 return False
@@ -451,6 +477,10 @@ else:
 
         def process_start_token(pid: int) -> str | None:
             """Return None: no cheap start time here; liveness is judged by existence."""
+            return None
+
+        def start_token_seconds(token: str) -> int | None:
+            """Return None: there are no start tokens here."""
             return None
 
         def pid_is_zombie(pid: int) -> bool:

@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import stat
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -115,7 +114,6 @@ _QUARANTINE_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _HOST_MAX_BYTES = 150
 
 # Seconds between 1601-01-01 (Windows FILETIME epoch) and 1970-01-01.
-_FILETIME_EPOCH_OFFSET = 11_644_473_600
 
 ArchiveReason = Literal["archived", "process-gone", "idle", "superseded", "re-registered"]
 ProcessState = Literal["alive", "gone", "unknown"]
@@ -233,40 +231,10 @@ _IMPORT_SECONDS = int(time.time())
 _instance_cache: tuple[int, str, str] | None = None
 
 
-def _boot_time() -> int | None:
-    """Return the Linux boot time in seconds since the epoch (``btime``, proc(5))."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            for line in f:
-                if line.startswith(b"btime "):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _process_start_seconds(pid: int) -> int | None:
-    """Return when process ``pid`` started, in whole seconds since the epoch, or None.
-
-    Derived from ``_platform.process_start_token``: on Linux boot time plus
-    the start tick (``/proc/<pid>/stat`` field 22) over ``SC_CLK_TCK``; on
-    Windows the creation FILETIME. None elsewhere (macOS has no stdlib way).
-    A candidate for ``_platform``; it lives here until the lead moves it.
-    """
+    """Return when process ``pid`` started, in whole seconds since the epoch, or None."""
     token = _own_start_token(pid)
-    if token is None:
-        return None
-    try:
-        if sys.platform == "win32":
-            return int(token) // 10_000_000 - _FILETIME_EPOCH_OFFSET
-        ticks = int(token.rsplit(":", 1)[-1])
-        boot = _boot_time()
-        if boot is None:
-            return None
-        hertz: int = os.sysconf("SC_CLK_TCK")
-        return boot + ticks // hertz
-    except (ValueError, OSError):
-        return None
+    return None if token is None else _platform.start_token_seconds(token)
 
 
 def _host_part(host: str) -> str:
