@@ -380,9 +380,9 @@ class _Staged:
                 self.created_dirs = created
             fd, temp = tempfile.mkstemp(suffix, prefix, parent)
         self.fd = fd
-        # mkstemp returns os.path.abspath(), which resolves ".." as text; the
-        # file is where the kernel put it: in ``parent`` as given.
-        self.temp = os.path.join(parent, os.path.basename(temp))
+        # mkstemp applies os.path.abspath() to ``parent``, which would resolve
+        # ".." as text; _physical already resolved any ".." in it.
+        self.temp = temp
         try:
             self._match(0o666 & ~_platform.umask() if mode is None else mode, st)
         except BaseException:
