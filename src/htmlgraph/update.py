@@ -34,7 +34,7 @@ import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal, TypeVar, cast, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 from htmlgraph.atomic_ops import DirectoryLocker, atomic_json_write, atomic_write
 
@@ -178,8 +178,13 @@ def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[s
     """
     real = _resolve(path)
     directory, name = os.path.split(real)
-    if not create and not os.path.isdir(directory):
-        raise FileNotFoundError(errno.ENOENT, "file does not exist (and no default)", real)
+    if not create:
+        try:
+            os.stat(directory)  # a PermissionError here says more than "missing"
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(
+                errno.ENOENT, "file does not exist (and no default)", real
+            ) from None
     lock_dir = os.path.join(directory, _lock_name(name))
     _check_lock_dir(lock_dir, real)
     wait = math.inf if timeout is None else timeout
@@ -350,17 +355,20 @@ def atomic_update(
         return result
 
 
+# A JSON document's type is only known at run time, as for json.load (which
+# returns Any): a type variable would make mypy reject valid calls such as
+# ``atomic_json_update(p, lambda d: None, default=dict)``.
 def atomic_json_update(
     path: StrPath,
-    fn: Callable[[T], T | None],
+    fn: Callable[[Any], object],
     *,
-    default: T | Callable[[], T] | _Missing = _MISSING,
+    default: object = _MISSING,
     timeout: float | None = None,
     durable: bool = True,
     permissions: int | None = None,
     indent: int | None = 2,
     sort_keys: bool = False,
-) -> T | None:
+) -> Any:  # noqa: ANN401 - see above
     """Replace JSON file ``path`` with ``fn(parsed content)`` under the file's own lock.
 
     :func:`atomic_update` for JSON: under the file's exclusive lock, parses
@@ -404,9 +412,9 @@ def atomic_json_update(
         if data is None:
             if default is _MISSING:
                 raise FileNotFoundError(errno.ENOENT, "file does not exist (and no default)", real)
-            value = _initial(default, real)
+            value = default() if callable(default) else default
         else:
-            value = cast("T", _parse_json(data, real))
+            value = _parse_json(data, real)
         result = fn(value)
         if result is not None:
             atomic_json_write(
