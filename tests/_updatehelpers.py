@@ -9,6 +9,7 @@ import codecs
 import json
 import os
 import signal
+import sys
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
@@ -112,7 +113,7 @@ def update_as(path: str, uid: int | None, conn: Connection) -> None:
     ``("updated", None, seconds)``.
     """
     _reset_sigint()
-    if uid is not None:
+    if uid is not None and sys.platform != "win32":
         # Codecs load lazily, from an interpreter tree ``uid`` may not read.
         for codec in ("ascii", "utf-8", "latin-1"):
             codecs.lookup(codec)
