@@ -112,11 +112,7 @@ def test_missing_file_without_default_raises_and_creates_nothing(tmp_path: Path)
     assert info.value.errno == errno.ENOENT
     assert info.value.filename == str(target)
     assert called == []
-    assert not target.exists()
-    # The lock directory may stay (it is the file's, kept for the next updater);
-    # the file is not created and the lock is free.
-    assert set(listing(tmp_path)) <= {lock_of(target)}
-    assert lock_is_free(target)
+    assert listing(tmp_path) == []  # no file, and no lock directory either
 
 
 def test_missing_directory_without_default_creates_nothing(tmp_path: Path) -> None:
@@ -461,6 +457,21 @@ def test_lock_dir_is_beside_the_resolved_file(
 
 
 @posix_only
+def test_a_symlinked_parent_directory_meets_the_same_lock(tmp_path: Path) -> None:
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    (tmp_path / "linkdir").symlink_to(real_dir, target_is_directory=True)
+    target = real_dir / "state.json"
+    target.write_text('{"n": 0}\n')
+    via_link = tmp_path / "linkdir" / "state.json"
+    with DirectoryLocker(update_lock_dir(target)).exclusive(timeout=5), pytest.raises(LockTimeout):
+        atomic_json_update(via_link, lambda d: {"n": 1}, timeout=0)
+    atomic_json_update(via_link, lambda d: {"n": d["n"] + 1})
+    assert json.loads(target.read_text()) == {"n": 1}
+    assert_clean(target)
+
+
+@posix_only
 def test_update_through_a_symlink_keeps_the_link_and_shares_the_lock(tmp_path: Path) -> None:
     real = tmp_path / "real.json"
     real.write_text('{"n": 0}\n')
@@ -601,6 +612,37 @@ if sys.platform != "win32":  # chown, geteuid (also for mypy --platform win32)
         finally:
             if as_nobody:
                 shutil.rmtree(base)
+
+
+def test_an_update_from_inside_its_own_fn_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    target.write_text('{"n": 0}\n')
+
+    def nested(doc: dict[str, int]) -> dict[str, int]:
+        atomic_json_update(target, lambda d: {"n": 99}, timeout=1)
+        return doc
+
+    with pytest.raises(RuntimeError, match="already being updated by this thread"):
+        atomic_json_update(target, nested)
+    assert target.read_text() == '{"n": 0}\n'
+    assert_clean(target)
+    # Another file inside fn is fine.
+    other = tmp_path / "other.txt"
+    atomic_json_update(target, lambda d: atomic_update(other, lambda t: "x", default="") and d)
+    assert other.read_text() == "x"
+
+
+def test_many_files_and_a_deleted_lock_dir(tmp_path: Path) -> None:
+    # More files than the per-thread cache of lockers keeps, twice over; then
+    # a lock directory deleted between two updates is made again.
+    files = [tmp_path / f"f{i}.txt" for i in range(40)]
+    for _ in range(2):
+        for f in files:
+            atomic_update(f, lambda t: t + "x", default="", durable=False)
+    assert all(f.read_text() == "xx" for f in files)
+    (tmp_path / lock_of(files[0])).rmdir()
+    assert atomic_update(files[0], lambda t: t + "y") == "xxy"
+    assert listing(tmp_path / lock_of(files[0])) == []
 
 
 def test_threads_lose_no_update(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import math
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, overload
@@ -72,8 +73,8 @@ _MISSING = _Missing.MISSING
 # --------------------------------------------------------------------------
 
 
-def _resolve(path: StrPath) -> str:
-    """Return ``path`` absolute with every symlink resolved, checked like a write target."""
+def _check(path: StrPath) -> str:
+    """Return ``path`` as an absolute ``str``, checked like a write target."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be str or os.PathLike[str], not {type(path).__name__}")
     text = os.fspath(path)
@@ -83,9 +84,34 @@ def _resolve(path: StrPath) -> str:
         raise ValueError(f"path must be a non-empty file name without NUL bytes: {text!r}")
     if text.endswith((os.sep, os.altsep or os.sep)):
         raise IsADirectoryError(errno.EISDIR, "path ends with a separator", text)
-    # realpath resolves a dangling link to the file it would create, and two
-    # spellings of one file (a symlink, "a/../b") to one path: one lock.
-    return os.path.realpath(text)
+    return os.path.abspath(text)
+
+
+def _resolve(path: StrPath) -> str:
+    """Return ``path`` absolute with every symlink resolved (the canonical spelling)."""
+    # realpath resolves a dangling link to the file it would create.
+    return os.path.realpath(_check(path))
+
+
+def _target(path: StrPath) -> tuple[str, bool]:
+    """Return the file an update of ``path`` works on, and whether it exists.
+
+    The lock directory is named beside this path. Only a final symlink needs
+    resolving for every spelling of a file to meet in one lock directory: a
+    symlinked *parent* already leads into the same physical directory, so its
+    lock directory is the same one. That spares the per-component ``lstat``
+    of :func:`os.path.realpath` on every update. ``..`` is resolved
+    lexically, as :func:`~htmlgraph.atomic_ops.atomic_write` does.
+    """
+    target = _check(path)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return target, False
+    if stat.S_ISLNK(st.st_mode):
+        target = os.path.realpath(target)
+        return target, os.path.lexists(target)
+    return target, True
 
 
 def _lock_name(name: str) -> str:
@@ -147,11 +173,11 @@ def _check_lock_dir(lock_dir: str, target: str) -> None:
         )
     if sys.platform == "win32":  # no owners to compare, no sticky bit
         return
-    trusted = {0, os.geteuid()}
-    with contextlib.suppress(OSError):
-        trusted.add(os.stat(target).st_uid)
-    if st.st_uid in trusted:
+    if st.st_uid in (0, os.geteuid()):
         return
+    with contextlib.suppress(OSError):
+        if os.stat(target).st_uid == st.st_uid:
+            return  # the file's owner made it
     parent = os.stat(os.path.dirname(lock_dir))
     if parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH:
         raise PermissionError(
@@ -162,34 +188,72 @@ def _check_lock_dir(lock_dir: str, target: str) -> None:
         )
 
 
+# Each thread keeps its lockers (a DirectoryLocker per lock directory, the
+# most recent _LOCKERS_KEPT of them): a new instance costs a makedirs per
+# update. Each thread its own, so that threads exclude each other as separate
+# owners. ``held`` lists the lock directories this thread holds right now.
+_LOCKERS_KEPT = 32
+_local = threading.local()
+
+
+def _thread_state() -> tuple[dict[str, DirectoryLocker], set[str]]:
+    try:
+        return _local.lockers, _local.held
+    except AttributeError:
+        _local.lockers, _local.held = {}, set()
+        return _local.lockers, _local.held
+
+
+def _forget_in_child() -> None:
+    # A child forked inside an update does not hold its parent's lock.
+    _local.__dict__.pop("held", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 @contextlib.contextmanager
 def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[str]:
-    """Hold ``path``'s update lock; yield the resolved file path.
+    """Hold ``path``'s update lock; yield the path of the file to read and replace.
 
     Args:
         path: The file.
         timeout: Seconds to wait for the lock; None waits without limit.
         create: Whether the caller will create a missing file. If not and
-            the file's directory is missing, FileNotFoundError is raised
-            before anything is created.
+            the file is missing, FileNotFoundError is raised at once, before
+            anything is created.
 
     Raises:
         LockTimeout: The lock was not acquired within ``timeout``.
+        RuntimeError: This thread is already updating the file (an update
+            called from inside its own ``fn`` would wait for itself forever).
     """
-    real = _resolve(path)
-    directory, name = os.path.split(real)
-    if not create:
-        try:
-            os.stat(directory)  # a PermissionError here says more than "missing"
-        except (FileNotFoundError, NotADirectoryError):
-            raise FileNotFoundError(
-                errno.ENOENT, "file does not exist (and no default)", real
-            ) from None
+    target, exists = _target(path)
+    if not exists and not create:
+        raise FileNotFoundError(errno.ENOENT, "file does not exist (and no default)", target)
+    directory, name = os.path.split(target)
     lock_dir = os.path.join(directory, _lock_name(name))
-    _check_lock_dir(lock_dir, real)
+    _check_lock_dir(lock_dir, target)
+    lockers, held = _thread_state()
+    if lock_dir in held:
+        raise RuntimeError(
+            f"{target} is already being updated by this thread: an update from inside "
+            "its own fn would wait for itself"
+        )
+    locker = lockers.pop(lock_dir, None)
+    if locker is None:
+        locker = DirectoryLocker(lock_dir)
+        if len(lockers) >= _LOCKERS_KEPT:
+            del lockers[next(iter(lockers))]  # the least recently used
+    lockers[lock_dir] = locker
     wait = math.inf if timeout is None else timeout
-    with DirectoryLocker(lock_dir).exclusive(timeout=wait):
-        yield real
+    held.add(lock_dir)
+    try:
+        with locker.exclusive(timeout=wait):
+            yield target
+    finally:
+        held.discard(lock_dir)
 
 
 # --------------------------------------------------------------------------
