@@ -17,7 +17,7 @@ Two cases, each measured side by side in one run (issue 17's targets):
 
 Usage::
 
-    python -m benchmarks.update            # ~3 minutes on 2 cores
+    python -m benchmarks.update            # ~2 minutes on 2 cores
     python -m benchmarks.update --quick    # ~1 minute
 """
 
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         info = machine_info(base)
         single = bench_single(base, 300 if args.quick else 1500, log)
         throughput = bench_processes(
-            base, args.procs, 2.0 if args.quick else 4.0, 2 if args.quick else 4, log
+            base, args.procs, 2.0 if args.quick else 4.0, 2 if args.quick else 6, log
         )
         print("## Read-modify-write (benchmarks/update.py)\n")
         print(md_table(["", ""], [[k, v] for k, v in info.items()]))
