@@ -494,9 +494,12 @@ def test_update_through_a_symlink_keeps_the_link_and_shares_the_lock(tmp_path: P
     assert (tmp_path / f".created.json{LOCK_SUFFIX}").is_dir()
 
 
-@pytest.mark.parametrize("char", ["a", "é", "😀"])
+@pytest.mark.parametrize(
+    "char",
+    ["a", "é", "😀", pytest.param("\udcff", marks=linux_only, id="not-utf8")],
+)
 def test_long_names_get_a_bounded_distinct_lock_name(tmp_path: Path, char: str) -> None:
-    per_char = len(char.encode())
+    per_char = len(char.encode("utf-8", "surrogateescape"))
     name = char * (250 // per_char)  # within 255 bytes, too long with the suffix
     other = name[:-1] + "b"  # shares a long head with name
     one, two = update_lock_dir(tmp_path / name).name, update_lock_dir(tmp_path / other).name

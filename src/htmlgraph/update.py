@@ -124,9 +124,9 @@ def _lock_name(name: str) -> str:
     raw = name.encode("utf-8", "surrogateescape")
     digest = hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]
     room = _NAME_MAX - len(f".~{digest}{LOCK_SUFFIX}")
-    head = raw[:room].decode("utf-8", "ignore")  # drop a character cut in two
-    while len(head.encode("utf-8", "surrogateescape")) > room:  # pragma: no cover - defensive
-        head = head[:-1]
+    # "ignore" drops a character cut in two (and bytes that are not UTF-8):
+    # what is left re-encodes to at most ``room`` bytes.
+    head = raw[:room].decode("utf-8", "ignore")
     return f".{head}~{digest}{LOCK_SUFFIX}"
 
 
