@@ -1070,6 +1070,55 @@ def test_cli_update_forwards_sigterm_and_leaves_the_file(tmp_path: Path) -> None
     assert_clean(target, "ready")
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (Linux: SigCgt in /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    return False
+
+
+@linux_only
+def test_cli_update_terminated_while_waiting_for_the_lock(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    target.write_text("{}\n")
+    ran = tmp_path / "ran"
+    holder = DirectoryLocker(update_lock_dir(target))
+    assert holder.acquire_exclusive_lock(timeout=5)
+    try:
+        proc = subprocess.Popen(
+            _cli("update", str(target), "--", PY, "-c", f"open({str(ran)!r}, 'w')"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=_env(),
+        )
+        try:
+            # Its handler is installed just before it starts waiting for the
+            # lock, which it cannot get while the holder has it.
+            deadline = time.monotonic() + TIMEOUT
+            while not _catches(proc.pid, signal.SIGTERM):
+                assert time.monotonic() < deadline, "update never got ready"
+                assert proc.poll() is None
+                time.sleep(0.01)
+            time.sleep(0.2)  # most likely in the lock's wait loop by now (either way: 143)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(TIMEOUT)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert b"Traceback" not in err
+        assert len(listing(tmp_path / lock_of(target))) == 1  # the holder's marker only
+    finally:
+        holder.release_lock()
+    assert not ran.exists()  # CMD never ran
+    assert target.read_text() == "{}\n"
+    assert_clean(target)
+
+
 @linux_only
 def test_cli_update_killed_takes_its_command_along(tmp_path: Path) -> None:
     target = tmp_path / "state.json"
