@@ -648,6 +648,101 @@ def test_many_files_and_a_deleted_lock_dir(tmp_path: Path) -> None:
     assert listing(tmp_path / lock_of(files[0])) == []
 
 
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [(b"state.json", TypeError), (42, TypeError), ("", ValueError), ("a\0b", ValueError)],
+)
+def test_bad_paths_are_refused_before_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: object, error: type[Exception]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error):
+        atomic_update(path, lambda t: t, default="")  # type: ignore[call-overload]
+    with pytest.raises(error):
+        update_lock_dir(path)  # type: ignore[arg-type]
+    assert listing(tmp_path) == []
+
+
+def test_callable_text_default(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    assert atomic_update(target, lambda t: t + "b\n", default=lambda: "a\n") == "a\nb\n"
+    assert atomic_update(target, lambda t: t + "c\n", default=lambda: "IGNORED") == "a\nb\nc\n"
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_a_file_removed_while_waiting_for_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, json_mode: bool
+) -> None:
+    # The file exists when the call starts and is gone once it holds the lock.
+    target = tmp_path / "state.json"
+    target.write_text("{}\n")
+    waiting = threading.Event()
+    original = update._check_lock_dir
+
+    def check_then_signal(lock_dir: str, target_path: str) -> None:
+        original(lock_dir, target_path)
+        waiting.set()
+
+    monkeypatch.setattr(update, "_check_lock_dir", check_then_signal)
+    outcome: list[BaseException | object] = []
+
+    def run() -> None:
+        try:
+            if json_mode:
+                outcome.append(atomic_json_update(target, lambda d: d, timeout=TIMEOUT))
+            else:
+                outcome.append(atomic_update(target, lambda t: t, timeout=TIMEOUT))
+        except BaseException as exc:  # inspected below
+            outcome.append(exc)
+
+    holder = DirectoryLocker(update_lock_dir(target))
+    assert holder.acquire_exclusive_lock(timeout=5)
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        assert waiting.wait(TIMEOUT), "the update never reached the lock"
+        target.unlink()
+    finally:
+        holder.release_lock()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], FileNotFoundError)
+    assert outcome[0].filename == str(target)
+    assert not target.exists()
+    assert_clean(target)
+
+
+if sys.platform != "win32":  # os.fork, os.waitpid
+
+    @posix_only
+    def test_a_child_forked_inside_fn_waits_for_the_parents_lock(tmp_path: Path) -> None:
+        target = tmp_path / "state.json"
+        target.write_text('{"n": 0}\n')
+        statuses: list[int] = []
+
+        def fork_inside(doc: dict[str, int]) -> dict[str, int]:
+            pid = os.fork()
+            if pid == 0:  # the child: the lock is its parent's, not its own
+                code = 3
+                try:
+                    atomic_json_update(target, lambda d: d, timeout=0)
+                except LockTimeout:
+                    code = 0
+                except RuntimeError:
+                    code = 1  # took itself for the holder
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            statuses.append(os.waitstatus_to_exitcode(status))
+            return {"n": doc["n"] + 1}
+
+        atomic_json_update(target, fork_inside)
+        assert statuses == [0]
+        assert json.loads(target.read_text()) == {"n": 1}
+        assert_clean(target)
+
+
 def test_threads_lose_no_update(tmp_path: Path) -> None:
     target = tmp_path / "state.json"
     errors: list[BaseException] = []
