@@ -743,6 +743,15 @@ if sys.platform != "win32":  # os.fork, os.waitpid
         assert_clean(target)
 
 
+def test_cleanup_leaves_the_lock_directory_alone(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    atomic_json_update(target, lambda d: {"n": 1}, default=dict)
+    assert htmlgraph.cleanup_orphaned_temp_files(tmp_path, age_hours=0) == 0
+    assert list(htmlgraph.find_orphaned_temp_files(tmp_path, age_hours=0)) == []
+    assert_clean(target)
+    assert atomic_json_update(target, lambda d: {"n": d["n"] + 1}) == {"n": 2}
+
+
 def test_threads_lose_no_update(tmp_path: Path) -> None:
     target = tmp_path / "state.json"
     errors: list[BaseException] = []
