@@ -1,6 +1,7 @@
 """htmlgraph: share a directory between processes without corrupting or losing a file.
 
-Everything public lives in :mod:`htmlgraph.atomic_ops` and
+Everything public lives in :mod:`htmlgraph.atomic_ops`,
+:mod:`htmlgraph.update` (read-modify-write) and
 :mod:`htmlgraph.session_registry`; this module only re-exports it.
 """
 
@@ -16,6 +17,7 @@ from htmlgraph.atomic_ops import (
     safe_temp_file,
     validate_atomic_write,
 )
+from htmlgraph.update import atomic_json_update, atomic_update
 
 __version__ = "0.1.0"
 
@@ -24,8 +26,10 @@ __all__ = [
     "DirectoryLocker",
     "LockTimeout",
     "__version__",
+    "atomic_json_update",
     "atomic_json_write",
     "atomic_rename",
+    "atomic_update",
     "atomic_write",
     "cleanup_orphaned_temp_files",
     "find_orphaned_temp_files",

@@ -5,6 +5,8 @@ Commands:
 * ``write FILE`` - replace FILE with stdin all-or-nothing (like ``sponge``,
   but an interrupted or failed input leaves FILE untouched);
 * ``lock DIR -- CMD ...`` - run CMD while holding DIR's lock (like ``flock``);
+* ``update FILE -- CMD ...`` - replace FILE with CMD's output, CMD reading FILE,
+  under FILE's own lock (read-modify-write that loses no update);
 * ``cleanup DIR`` - remove temp files that crashed writers left behind;
 * ``validate FILE`` - is FILE complete, readable UTF-8 (and JSON)?
 * ``check DIR`` - a self-test: does DIR's filesystem keep htmlgraph's promises?
@@ -135,6 +137,13 @@ def _describe_os_error(exc: OSError) -> str:
 def _status_of(returncode: int) -> int:
     """Translate a Popen return code to a shell-style exit status (128+N for signals)."""
     return EXIT_SIGNAL_BASE - returncode if returncode < 0 else returncode
+
+
+def _how_it_ended(returncode: int) -> str:
+    """Describe a failed Popen return code: killed by a signal, or its exit status."""
+    if returncode < 0:
+        return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
 def _octal_mode(text: str) -> int:
@@ -329,14 +338,8 @@ def _write_from_command(args: argparse.Namespace, command: list[str]) -> int:
                 _strict_json(data, "the command's output")
                 out.write(data)
     except _ProducerFailed as exc:
-        status = _status_of(exc.returncode)
-        how = (
-            f"was killed by signal {-exc.returncode}"
-            if exc.returncode < 0
-            else f"exited with status {exc.returncode}"
-        )
-        _err("write", f"{command[0]} {how}; {target} left untouched")
-        return status
+        _err("write", f"{command[0]} {_how_it_ended(exc.returncode)}; {target} left untouched")
+        return _status_of(exc.returncode)
     finally:
         stdout.close()
         _stop_child(proc)
@@ -466,10 +469,27 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def _run_forwarding(command: list[str], forwarder: _Forwarder) -> int:
+@contextlib.contextmanager
+def _forwarding_signals(forwarder: _Forwarder) -> Iterator[None]:
+    """Let ``forwarder`` handle SIGINT, SIGTERM and SIGHUP while the block runs."""
+    previous: dict[int, _SigHandler] = {}
+    if _in_main_thread():
+        for signum in (signal.SIGINT, *_TERMINATION_SIGNALS):
+            previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, forwarder)
+    try:
+        yield
+    finally:
+        _restore_signals(previous)
+
+
+def _start_forwarded(
+    command: list[str], forwarder: _Forwarder, **kwargs: object
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` (dying with us on Linux) and make ``forwarder`` pass signals to it."""
     forwarder.starting = True
     try:
-        proc = _spawn(command, preexec_fn=_die_with_parent())
+        proc = _spawn(command, preexec_fn=_die_with_parent(), **kwargs)
     except BaseException:
         forwarder.starting = False
         if forwarder.pending is not None:
@@ -479,6 +499,11 @@ def _run_forwarding(command: list[str], forwarder: _Forwarder) -> int:
     forwarder.starting = False
     if forwarder.pending is not None:
         forwarder.forward(proc, forwarder.pending)
+    return proc
+
+
+def _run_forwarding(command: list[str], forwarder: _Forwarder) -> int:
+    proc = _start_forwarded(command, forwarder)
     # wait() is retried after each handled signal (PEP 475): we leave only
     # once the command is gone, whatever it was sent.
     returncode = proc.wait()
@@ -496,13 +521,7 @@ def _cmd_lock(args: argparse.Namespace) -> int:
     mode = "shared" if args.shared else "exclusive"
     locker = DirectoryLocker(lock_dir)
     forwarder = _Forwarder()
-    handled = [signal.SIGINT, *_TERMINATION_SIGNALS]
-    previous: dict[int, _SigHandler] = {}
-    if _in_main_thread():
-        for signum in handled:
-            previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, forwarder)
-    try:
+    with _forwarding_signals(forwarder):
         # The locker waits without limit for an infinite (or negative) timeout.
         wait = math.inf if timeout is None else timeout
         hold = locker.shared(timeout=wait) if args.shared else locker.exclusive(timeout=wait)
@@ -513,8 +532,70 @@ def _cmd_lock(args: argparse.Namespace) -> int:
         except LockTimeout:
             _err("lock", f"timed out after {timeout:g} s waiting for the {mode} lock on {lock_dir}")
             return EXIT_TEMPFAIL
+
+
+# --------------------------------------------------------------------------
+# update
+# --------------------------------------------------------------------------
+
+
+def _cmd_update(args: argparse.Namespace) -> int:
+    """``update FILE -- CMD``: FILE's content into CMD, CMD's output into FILE, locked.
+
+    Signals as for ``lock``: before CMD starts and after it exits they unwind
+    (the lock is released, a half-written temp removed); while CMD runs they
+    are forwarded to it.
+    """
+    from htmlgraph.atomic_ops import LockTimeout, atomic_write
+    from htmlgraph.update import _locked, _read
+
+    target: str = args.file
+    command: list[str] = args.command
+    timeout: float | None = args.timeout
+    default = None if args.default is None else os.fsencode(args.default)
+    if args.json and default is not None:
+        _strict_json(default, "--default")
+    forwarder = _Forwarder()
+    with _forwarding_signals(forwarder):
+        try:
+            with _locked(target, timeout, create=default is not None) as real:
+                current = _read(real)
+                if current is None:
+                    if default is None:
+                        raise _CommandError(
+                            f"{target} does not exist (--default TEXT starts it from TEXT)"
+                        )
+                    current = default
+                returncode, output = _run_filter(command, current, forwarder)
+                if returncode != 0:
+                    how = _how_it_ended(returncode)
+                    _err("update", f"{command[0]} {how}; {target} left untouched")
+                    return _status_of(returncode)
+                if args.json:
+                    try:
+                        _strict_json(output, "the command's output")
+                    except _CommandError as exc:
+                        raise _CommandError(f"{exc.message}; {target} left untouched") from None
+                atomic_write(real, output, durable=not args.no_fsync)
+                logger.info("updated %s (%d bytes)", real, len(output))
+        except LockTimeout:
+            _err("update", f"timed out after {timeout:g} s waiting for the lock on {target}")
+            return EXIT_TEMPFAIL
+    return EXIT_OK
+
+
+def _run_filter(command: list[str], data: bytes, forwarder: _Forwarder) -> tuple[int, bytes]:
+    """Run ``command`` with ``data`` on its stdin; return its return code and its stdout."""
+    proc = _start_forwarded(command, forwarder, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        # communicate() feeds stdin and drains stdout together (no pipe
+        # deadlock) and, like wait(), resumes after each forwarded signal.
+        output, _ = proc.communicate(data)
     finally:
-        _restore_signals(previous)
+        forwarder.proc = None
+        _stop_child(proc)
+    logger.debug("command %s exited with %d", command[0], proc.returncode)
+    return proc.returncode, output
 
 
 # --------------------------------------------------------------------------
@@ -954,6 +1035,50 @@ def build_parser() -> argparse.ArgumentParser:
         "command", nargs="*", metavar="-- CMD ARGS", help="the command to run, after '--'"
     )
 
+    update = add(
+        "update",
+        _cmd_update,
+        "run FILE's content through a command, under FILE's lock",
+        "Read-modify-write that loses no update: while holding FILE's own lock\n"
+        "(the directory .FILE.htmlgraph-lock beside it; every updater of FILE\n"
+        "must use it), run CMD with FILE's content on stdin, and replace FILE\n"
+        "with CMD's stdout, all-or-nothing, only if CMD exits with status 0.\n"
+        "Readers of FILE never wait. Signals are handled as by 'lock'.\n\n"
+        "  htmlgraph update state.json --json --default '{}' -- jq '.runs += 1'\n\n"
+        "exit: 0 updated, CMD's status if CMD failed (FILE untouched), 75 timeout,\n"
+        "126/127 CMD not executable/not found, 1 error (FILE missing without\n"
+        "--default, output not JSON with --json), 2 usage.",
+        usage="%(prog)s [-h] [-v] [--json] [--default TEXT] [--timeout S] [--no-fsync]\n"
+        "                        FILE -- CMD ARGS...",
+    )
+    update.add_argument("file", metavar="FILE", help="the file to update")
+    update.add_argument(
+        "--json",
+        action="store_true",
+        help="require CMD's output to be one strict JSON document (else FILE is untouched)",
+    )
+    update.add_argument(
+        "--default",
+        metavar="TEXT",
+        default=None,
+        help="the content to start from when FILE does not exist (default: exit 1)",
+    )
+    update.add_argument(
+        "--timeout",
+        type=_non_negative,
+        default=None,
+        metavar="S",
+        help="give up after S seconds with exit 75 (0: one attempt; default: wait forever)",
+    )
+    update.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync (atomic against crashes, but not durable across power loss)",
+    )
+    update.add_argument(
+        "command", nargs="*", metavar="-- CMD ARGS", help="the command to run, after '--'"
+    )
+
     cleanup = add(
         "cleanup",
         _cmd_cleanup,
@@ -1073,14 +1198,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    """Split ``lock ... -- CMD`` / ``write ... -- CMD`` at the first ``--``.
+    """Split ``lock|write|update ... -- CMD`` at the first ``--``.
 
     argparse cannot take "options, then everything after -- verbatim" for a
     subcommand (REMAINDER swallows the options too), so the command is cut
     off before parsing.
     """
     subcommand = next((word for word in argv if not word.startswith("-")), None)
-    if subcommand not in ("lock", "write") or "--" not in argv:
+    if subcommand not in ("lock", "write", "update") or "--" not in argv:
         return argv, None
     cut = argv.index("--")
     if cut < argv.index(subcommand):
@@ -1120,6 +1245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command = tail
         if args.cmd == "lock" and not args.command:
             sub.error("no command given: htmlgraph lock DIR -- CMD ARGS...")
+        if args.cmd == "update" and not args.command:
+            sub.error("no command given: htmlgraph update FILE -- CMD ARGS...")
         if args.cmd == "write" and tail is not None and not tail:
             sub.error("no command after '--'")
     except _ParserExit as exc:
