@@ -17,9 +17,13 @@ import multiprocessing.context
 import multiprocessing.synchronize
 import os
 import random
+import signal
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass
+from types import FrameType
 from typing import Protocol
 
 from htmlgraph import atomic_ops as lockmod
@@ -312,7 +316,7 @@ if sys.platform != "win32":
         os.setgid(uid)
         os.setuid(uid)
         sleeps: list[float] = []
-        lockmod._lock_sleep = sleeps.append
+        lockmod._sleep = sleeps.append
         result: dict[str, object] = {"sleeps": 0}
         try:
             locker = DirectoryLocker(lock_dir)
@@ -332,3 +336,217 @@ if sys.platform != "win32":
             result["listing"] = type(exc).__name__
         conn.send(result)
         conn.close()
+
+
+def acquire_once(
+    lock_dir: str, mode: str, timeout: float, conn: multiprocessing.connection.Connection
+) -> None:
+    """Try once to take the lock within ``timeout``; send what happened, then release."""
+    locker = DirectoryLocker(lock_dir)
+    started = time.monotonic()
+    try:
+        ok = (
+            locker.acquire_exclusive_lock(timeout)
+            if mode == "exclusive"
+            else locker.acquire_shared_lock(timeout)
+        )
+        result: dict[str, object] = {"ok": ok}
+    except Exception as exc:  # reported to the test, which fails on it
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = time.monotonic() - started
+    locker.release_lock()
+    conn.send(result)
+    conn.close()
+
+
+def contender(
+    lock_dir: str,
+    seed: int,
+    started: multiprocessing.synchronize.Event,
+    stop: multiprocessing.synchronize.Event,
+) -> None:
+    """Take the lock in random modes with very short holds until ``stop`` (contention)."""
+    rng = random.Random(seed)
+    locker = DirectoryLocker(lock_dir)
+    while not stop.is_set():
+        exclusive = rng.random() < 0.5
+        ok = locker.acquire_exclusive_lock(10) if exclusive else locker.acquire_shared_lock(10)
+        if ok:
+            started.set()
+            time.sleep(rng.uniform(0, 0.001))
+            locker.release_lock()
+        time.sleep(rng.uniform(0, 0.001))
+
+
+def _own_names(lock_dir: str, pid: int) -> list[str]:
+    """The marker and pending files of process ``pid`` in ``lock_dir``."""
+    tags = (f".lock-shared-{pid}-", f".lock-exclusive-{pid}-", f".lock-pending-{pid}-")
+    return sorted(n for n in os.listdir(lock_dir) if n.startswith(tags))
+
+
+if sys.platform != "win32":  # signal.pthread_kill
+
+    def interrupted_loop(
+        lock_dir: str,
+        iterations: int,
+        seed: int,
+        out: str,
+        finished: multiprocessing.synchronize.Event,
+        done: multiprocessing.synchronize.Event,
+    ) -> None:
+        """Acquire and release again and again while SIGINT arrives at random instants.
+
+        An application that catches ``KeyboardInterrupt`` and goes on. A second
+        thread sends SIGINT to the main thread every few hundred microseconds;
+        the handler raises ``KeyboardInterrupt`` only while the main thread is
+        inside a lock call (a budget of 1 to 3 interrupts per call, so an
+        interrupt can also land in the lock's own clean-up), and notes where each
+        one landed (file:function:line). After every call the application releases what it may hold
+        (as a ``finally`` would) and looks for markers or pending files of its
+        own pid: there must be none. Any exception but ``KeyboardInterrupt`` is
+        recorded. The report goes to ``out``; the process then stays alive until
+        ``done``, so that the test can check that nothing of it blocks a peer.
+        """
+        rng = random.Random(seed)
+        pid = os.getpid()
+        main = threading.get_ident()
+        package = os.path.dirname(lockmod.__file__)
+        budget = [0]
+        landed: dict[str, int] = {}
+        raised = [0]
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            if budget[0] <= 0:
+                return  # outside a lock call: dropped
+            budget[0] -= 1
+            raised[0] += 1
+            if frame is not None and frame.f_code.co_filename.startswith(package):
+                code = frame.f_code
+                where = f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno}"
+                landed[where] = landed.get(where, 0) + 1
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)  # whatever the parent's disposition
+        stop = threading.Event()
+
+        def interrupter() -> None:
+            r = random.Random(seed + 1)
+            while not stop.is_set():
+                time.sleep(r.uniform(0, 0.001))
+                signal.pthread_kill(main, signal.SIGINT)
+
+        locker = DirectoryLocker(lock_dir)
+        caught = acquired = 0
+        errors: list[str] = []
+        leaks: list[tuple[int, str, list[str]]] = []
+        fds_before = len(os.listdir("/dev/fd"))
+        thread = threading.Thread(target=interrupter, daemon=True)
+        thread.start()
+        for i in range(iterations):
+            op = rng.choice(["exclusive", "shared", "with-exclusive", "with-shared", "nested"])
+            timeout = rng.choice([0.0, 0.01, 0.1])
+            try:
+                budget[0] = rng.randint(1, 3)
+                if op in ("exclusive", "shared"):
+                    acquire = (
+                        locker.acquire_exclusive_lock
+                        if op == "exclusive"
+                        else locker.acquire_shared_lock
+                    )
+                    if acquire(timeout):
+                        acquired += 1
+                        locker.release_lock()
+                elif op == "nested" and locker.acquire_exclusive_lock(timeout):
+                    acquired += 1
+                    locker.acquire_shared_lock(0)
+                    locker.release_lock()
+                    locker.release_lock()
+                elif op.startswith("with-"):
+                    cm = locker.exclusive if op == "with-exclusive" else locker.shared
+                    try:
+                        with cm(timeout):
+                            acquired += 1
+                    except TimeoutError:
+                        pass
+                budget[0] = 0
+            except KeyboardInterrupt:
+                budget[0] = 0
+                caught += 1
+            except BaseException:
+                budget[0] = 0
+                errors.append(traceback.format_exc())
+            # No interrupt from here on: release what this instance may still hold
+            # (an interrupt between a successful acquire and its release), as a
+            # finally would; one more call finishes an interrupted clean-up.
+            try:
+                for _ in range(10):
+                    if not (
+                        locker.exclusive_lock_path.exists() or locker.shared_lock_path.exists()
+                    ):
+                        break
+                    locker.release_lock()
+                locker.release_lock()
+            except BaseException:
+                errors.append(traceback.format_exc())
+            mine = _own_names(lock_dir, pid)
+            if mine:
+                leaks.append((i, op, mine))
+        stop.set()
+        thread.join(10)
+        locker.release_lock()
+        report = {
+            "iterations": iterations,
+            "acquired": acquired,
+            "caught": caught,
+            "raised": raised[0],
+            "landed": landed,
+            "errors": errors[:5],
+            "n_errors": len(errors),
+            "leaks": leaks[:5],
+            "n_leaks": len(leaks),
+            "final": _own_names(lock_dir, pid),
+            "fds_leaked": len(os.listdir("/dev/fd")) - fds_before,
+        }
+        with open(out, "w") as f:
+            json.dump(report, f)
+        finished.set()
+        done.wait(60)
+
+
+if sys.platform == "linux":
+
+    def leaderless_holder(
+        lock_dir: str,
+        info_path: str,
+        ready: multiprocessing.synchronize.Event,
+        release: multiprocessing.synchronize.Event,
+    ) -> None:
+        """Hold the lock exclusive from a second thread after the main thread has exited.
+
+        The main thread starts the holder thread and leaves with
+        ``pthread_exit``: the thread-group leader then shows ``Z`` in
+        ``/proc/<pid>/stat`` while the holder thread runs on and holds. The
+        holder releases when told and ends the process (exit code 0 if its
+        marker is gone).
+        """
+        import ctypes
+
+        locker = DirectoryLocker(lock_dir)
+
+        def hold() -> None:
+            code = 5
+            try:
+                ok = locker.acquire_exclusive_lock(30)
+                with open(info_path, "w") as f:
+                    f.write(str(locker.exclusive_lock_path) if ok else "")
+                ready.set()
+                if release.wait(60):
+                    locker.release_lock()
+                    code = 0 if ok and not locker.exclusive_lock_path.exists() else 4
+                else:
+                    code = 3
+            finally:
+                os._exit(code)
+
+        threading.Thread(target=hold).start()
+        ctypes.CDLL(None).pthread_exit(None)

@@ -453,8 +453,10 @@ else:
                 return False
             try:
                 tasks = os.listdir(f"/proc/{pid}/task")
-            except OSError:
+            except FileNotFoundError:
                 return True  # reaped meanwhile
+            except OSError:
+                return False  # EMFILE and the like: a problem of ours, not proof
             return all(_dead(_read(f"/proc/{pid}/task/{task}/stat")) for task in tasks)
 
         @lru_cache(maxsize=1)

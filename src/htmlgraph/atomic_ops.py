@@ -1134,9 +1134,6 @@ _PUBLISH_ATTEMPTS = 16
 _RECORD_MAX = 4096
 _MARKER_MODE = 0o644  # peers of other users must be able to read the record
 
-_O_PENDING = (
-    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-)
 # Never block on a FIFO a stranger named like a marker; never follow a link.
 _O_MARKER_READ = (
     os.O_RDONLY
@@ -1664,7 +1661,10 @@ class DirectoryLocker:
             pending = f"{self._in_dir}{_PENDING_PREFIX}{pid}-{token}"
             self._pending = pending
             try:
-                fd = os.open(pending, _O_PENDING, _MARKER_MODE)
+                # A file object owns the fd at once: an interruption right
+                # after the open cannot leak it ("x": O_CREAT|O_EXCL, which
+                # also refuses a planted symlink).
+                pending_file = open(pending, "xb", buffering=0)  # noqa: SIM115
             except FileExistsError:
                 self._pending = None  # not ours: another instance of this process has it
                 continue
@@ -1673,11 +1673,10 @@ class DirectoryLocker:
                 _make_lock_dir(self._dir)  # the lock directory was deleted
                 continue
             try:
-                try:
+                with pending_file:
+                    fd = pending_file.fileno()
                     _platform.set_mode(fd, _MARKER_MODE)  # readable whatever the umask
                     _write_all(fd, record)
-                finally:
-                    os.close(fd)
                 if os.path.lexists(final):
                     continue  # the pending file goes in the finally below
                 self._claim = name
@@ -1819,6 +1818,15 @@ class DirectoryLocker:
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a symlink: no marker of ours
                 return self._not_a_marker(name, "it is a symbolic link")
+            if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+                # A socket (ENXIO) or device cannot even be opened: look, don't read.
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    return None
+                if not stat.S_ISREG(st.st_mode):
+                    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+                    return self._not_a_marker(name, f"it is {kind}")
             return None  # EMFILE, ENFILE, ENOMEM, EIO: a problem of ours, not the holder's
         try:
             st = os.fstat(fd)
