@@ -67,7 +67,20 @@ def run_cli(
     )
 
 
+def default_sigint() -> None:
+    """Give a child Python's default SIGINT handling (KeyboardInterrupt).
+
+    A child inherits an ignored SIGINT (the suite started by ``nohup`` or as a
+    background job) and Python then keeps ignoring it; tests that send SIGINT
+    need it at its default, which the child's Python turns into
+    ``signal.default_int_handler``. Runs in the child between fork and exec.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args: str, **kwargs: object) -> subprocess.Popen[bytes]:
+    if POSIX:  # Windows has no preexec_fn (nor an inherited SIG_IGN to undo)
+        kwargs.setdefault("preexec_fn", default_sigint)
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     kwargs.setdefault("stdin", subprocess.DEVNULL)
@@ -690,6 +703,7 @@ if sys.platform != "win32":  # pty, fork and WNOHANG are POSIX only (also for my
         env = cli_env()
         pid, fd = pty.fork()
         if pid == 0:  # the child: a session leader with the pty as its terminal
+            default_sigint()
             os.execve(argv[0], argv, env)  # noqa: S606 - argv is ours
         output = b""
         try:
