@@ -938,6 +938,7 @@ def assert_clean_check(
     return report  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # a full clean check; the fast suite keeps test_check_table_output
 def test_check_on_disk(tmp_path: Path) -> None:
     result = run_cli("check", "--seconds", "2.5", "--processes", "3", "--json", str(tmp_path))
     report = assert_clean_check(result, tmp_path)
@@ -964,6 +965,7 @@ def tmpfs_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mount_point)], timeout=TIMEOUT, check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_check_on_tmpfs(tmpfs_dir: Path) -> None:
     assert _selfcheck.filesystem_type(str(tmpfs_dir)) == "tmpfs"
@@ -1008,7 +1010,7 @@ def test_check_catches_a_broken_writer_subprocess(tmp_path: Path) -> None:
     result = run_cli(
         "check",
         "--seconds",
-        "2",
+        "1",
         "--processes",
         "2",
         "--writer",
@@ -1023,8 +1025,9 @@ def test_check_catches_a_broken_writer_subprocess(tmp_path: Path) -> None:
 
 
 def test_check_catches_a_broken_writer_in_process(tmp_path: Path) -> None:
+    # The writer's pause makes a torn file likely at once; 1 s is plenty.
     report = _selfcheck.run_check(
-        tmp_path, seconds=2, processes=2, writer=_clihelpers.inplace_writer
+        tmp_path, seconds=1, processes=2, writer=_clihelpers.inplace_writer
     )
     assert not report.ok
     assert report.kills > 0
@@ -1077,7 +1080,7 @@ def test_check_with_spawned_children(tmp_path: Path, monkeypatch: pytest.MonkeyP
     import multiprocessing
 
     monkeypatch.setattr(_selfcheck, "_context", lambda: multiprocessing.get_context("spawn"))
-    report = _selfcheck.run_check(tmp_path, seconds=2, processes=1)
+    report = _selfcheck.run_check(tmp_path, seconds=1, processes=1)
     assert report.ok, report.violations()
     assert report.kills > 0
     assert listing(tmp_path) == []
