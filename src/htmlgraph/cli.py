@@ -137,12 +137,20 @@ def _status_of(returncode: int) -> int:
     return EXIT_SIGNAL_BASE - returncode if returncode < 0 else returncode
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _convert(text: str, convert: Callable[[str], _N], what: str) -> _N:
+    """Convert an argparse argument, or fail with ``not <what>: 'text'``."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
 def _octal_mode(text: str) -> int:
     """Parse an octal permission string such as ``0644`` or ``600`` (argparse type)."""
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    value = _convert(text, lambda t: int(t, 8), "an octal mode")
     if not 0 <= value <= 0o7777:
         raise argparse.ArgumentTypeError(f"mode out of range 0..7777: {text!r}")
     return value
@@ -150,10 +158,7 @@ def _octal_mode(text: str) -> int:
 
 def _non_negative(text: str) -> float:
     """Parse a finite number >= 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _convert(text, float, "a number")
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
     return value
@@ -161,10 +166,7 @@ def _non_negative(text: str) -> float:
 
 def _positive_int(text: str) -> int:
     """Parse an integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _convert(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
