@@ -1,4 +1,10 @@
-"""Shared plumbing: locating htmlgraph, round-robin timing, statistics, tables."""
+"""Shared plumbing: locating htmlgraph, round-robin timing, statistics, tables.
+
+Also the types that more than one benchmark module passes around (a case's
+result rows, an strace verdict), so that every other module imports from here
+and none from another benchmark module's internals: ``_common`` imports no
+other benchmark module.
+"""
 
 from __future__ import annotations
 
@@ -109,6 +115,150 @@ def median_ratio_ci(
     )
     tail = (1 - level) / 2
     return ratios[int(tail * resamples)], ratios[min(int((1 - tail) * resamples), resamples - 1)]
+
+
+@dataclass
+class Row:
+    """One contender's result in one case."""
+
+    name: str
+    durability: str
+    series: Series
+
+
+@dataclass
+class CaseResult:
+    """All contenders of one case, measured side by side."""
+
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    note: str = ""
+
+    def median(self, name: str) -> float | None:
+        """Median of contender ``name``, or None if it did not run."""
+        for r in self.rows:
+            if r.name == name:
+                return r.series.median
+        return None
+
+    def samples(self, name: str) -> list[float] | None:
+        """The timings of contender ``name``, or None if it did not run."""
+        for r in self.rows:
+            if r.name == name:
+                return r.series.samples
+        return None
+
+    def ratio_ci(self, name: str, other: str) -> tuple[float, float] | None:
+        """95 % bootstrap interval of ``median(name) / median(other)``."""
+        a, b = self.samples(name), self.samples(other)
+        if not a or not b:
+            return None
+        return median_ratio_ci(a, b)
+
+    def ratio(self, name: str, floor: str) -> float | None:
+        """``median(name) / median(floor)``."""
+        a, b = self.median(name), self.median(floor)
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def table(self, floors: Sequence[str] = ("floor-durable", "floor-fast")) -> str:
+        """Markdown table: median, IQR and the ratio to each floor."""
+        rows = []
+        for r in self.rows:
+            lo, hi = r.series.iqr
+            rows.append(
+                [
+                    r.name,
+                    r.durability,
+                    str(len(r.series.samples)),
+                    fmt_time(r.series.median),
+                    f"{fmt_time(lo)} - {fmt_time(hi)}",
+                    fmt_time(min(r.series.samples)),
+                    *(fmt_ratio(self.ratio(r.name, f)) for f in floors),
+                ]
+            )
+        headers = [
+            "contender",
+            "durability",
+            "n",
+            "median",
+            "IQR",
+            "min",
+            *("x " + f for f in floors),
+        ]
+        return (
+            f"### {self.title}\n\n"
+            + md_table(headers, rows)
+            + (f"\n\n{self.note}" if self.note else "")
+        )
+
+
+@dataclass
+class Trace:
+    """Syscalls of one traced write and what they prove."""
+
+    name: str
+    calls: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def _first_rename(self) -> int | None:
+        for i, e in enumerate(self.events):
+            if e.startswith(("rename", "link")):
+                return i
+        return None
+
+    def _fsyncs(self, kind: str, after: bool) -> bool:
+        first = self._first_rename
+        for i, e in enumerate(self.events):
+            if e == f"fsync {kind}":
+                is_after = first is not None and i > first
+                if is_after == after:
+                    return True
+        return False
+
+    @property
+    def file_fsync(self) -> str:
+        """``before rename`` / ``AFTER rename`` / ``no``."""
+        if self._fsyncs("file", after=False):
+            return "before rename"
+        if self._fsyncs("file", after=True):
+            return "AFTER rename"
+        return "no"
+
+    @property
+    def dir_fsync(self) -> str:
+        """``after rename`` / ``no``."""
+        return "after rename" if self._fsyncs("dir", after=True) else "no"
+
+    @property
+    def commit(self) -> str:
+        """The syscall that publishes the new content."""
+        for e in self.events:
+            if e.startswith(("rename", "link")):
+                return e.split()[0]
+        return "none"
+
+    @property
+    def label(self) -> str:
+        """Short durability label for the result tables."""
+        if self.error:
+            return "unverified"
+        f, d = self.file_fsync, self.dir_fsync
+        if f == "before rename" and d != "no":
+            return "file+dir fsync"
+        if f == "before rename":
+            return "file fsync only"
+        if f == "AFTER rename":
+            return "fsync after rename" + (" +dir" if d != "no" else "")
+        return "dir fsync only" if d != "no" else "no fsync"
+
+    @property
+    def durable(self) -> bool:
+        """True when a power cut right after return keeps the new content."""
+        return self.label == "file+dir fsync"
 
 
 Op = Callable[[], object]
@@ -289,6 +439,15 @@ def machine_info(bench_dir: Path) -> dict[str, str]:
 def _module_file() -> str:
     mod = import_htmlgraph()
     return str(getattr(mod, "__file__", "not importable")) if mod is not None else "not importable"
+
+
+def importable(module: str) -> bool:
+    """Return whether ``module`` (a peer library) can be imported here."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def peer_versions() -> dict[str, str]:

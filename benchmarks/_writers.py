@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks._common import ours
+from benchmarks._common import importable, ours
 
 Payload = bytes | str
 WriteFn = Callable[[str, Payload], None]
@@ -155,14 +155,7 @@ class Writer:
 
 
 def _importable(module: str) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            __import__(module)
-        except ImportError:
-            return False
-        return True
-
-    return check
+    return lambda: importable(module)
 
 
 def _have_ours(name: str) -> Callable[[], bool]:

@@ -28,7 +28,7 @@ from benchmarks._common import fmt_time, md_table, ours
 _OLD = time.time() - 7 * 24 * 3600  # a week ago: older than any age_hours default
 
 
-def _dead_pid() -> int:
+def dead_pid() -> int:
     """A pid that certainly belongs to no process now (a reaped child)."""
     proc = subprocess.Popen(["true"])
     proc.wait(timeout=30)
@@ -53,7 +53,14 @@ class CleanupPoint:
     listdir_peak_bytes: int
 
 
-class _Dir:
+class OrphanDir:
+    """A benchmark directory: ordinary files, a dead writer's orphans, a live one's temps.
+
+    Every tenth entry is an old temp file of the dead pid (an orphan the
+    cleanup must remove), every tenth another an old temp file of this
+    process (alive: must be kept), the rest ordinary files.
+    """
+
     def __init__(self, path: Path, dead: int) -> None:
         self.path = path
         self.dead = dead
@@ -104,7 +111,7 @@ def bench_cleanup(
     if quick:
         sizes = [s // 4 for s in sizes]
     runs = 1 if quick else 3
-    d = _Dir(base / "cleanup", _dead_pid())
+    d = OrphanDir(base / "cleanup", dead_pid())
     points = []
     try:
         for n in sizes:

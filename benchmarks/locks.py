@@ -4,6 +4,7 @@ Each library is used the way its docs show, with its default polling policy
 (filelock polls every 50 ms, fasteners backs off 10-100 ms, portalocker's
 ``Lock`` checks every 250 ms). The low-level ``portalocker.lock(fh, flags)``
 blocks in the kernel instead, which is the fastest way to use flock at all.
+The contenders themselves are built in ``_lockers``.
 """
 
 from __future__ import annotations
@@ -20,117 +21,8 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
-from benchmarks._common import Op, fmt_ratio, md_table, ours, round_robin
-from benchmarks.writes import CaseResult, Row
-
-Acquire = Callable[[], object]
-
-
-@dataclass(frozen=True)
-class LockPair:
-    """Shared and exclusive acquire/release for one library."""
-
-    acquire_shared: Acquire
-    release_shared: Acquire
-    acquire_exclusive: Acquire
-    release_exclusive: Acquire
-    has_shared: bool
-
-
-def _checked(fn: Callable[..., object], timeout: float) -> Acquire:
-    def call() -> None:
-        if fn(timeout=timeout) is False:
-            raise RuntimeError(f"{fn!r} failed to acquire")
-
-    return call
-
-
-def make_lock(lib: str, lock_dir: str) -> LockPair:
-    """Build library ``lib``'s lock on ``lock_dir`` (a directory it may use)."""
-    path = os.path.join(lock_dir, "the.lock")
-    if lib == "htmlgraph DirectoryLocker":
-        locker = ours("DirectoryLocker")(lock_dir)
-        return LockPair(
-            _checked(locker.acquire_shared_lock, timeout=120),
-            locker.release_lock,
-            _checked(locker.acquire_exclusive_lock, timeout=120),
-            locker.release_lock,
-            True,
-        )
-    if lib in ("filelock.FileLock", "filelock.SoftFileLock"):
-        import filelock
-
-        cls = filelock.FileLock if lib == "filelock.FileLock" else filelock.SoftFileLock
-        fl = cls(path)
-        return LockPair(fl.acquire, fl.release, fl.acquire, fl.release, False)
-    if lib == "fasteners.InterProcessLock":
-        import fasteners  # type: ignore[import-untyped]
-
-        ipl = fasteners.InterProcessLock(path)
-        return LockPair(ipl.acquire, ipl.release, ipl.acquire, ipl.release, False)
-    if lib == "fasteners.InterProcessReaderWriterLock":
-        import fasteners
-
-        rw = fasteners.InterProcessReaderWriterLock(path)
-        return LockPair(
-            rw.acquire_read_lock,
-            rw.release_read_lock,
-            rw.acquire_write_lock,
-            rw.release_write_lock,
-            True,
-        )
-    if lib == "portalocker.Lock":
-        import portalocker
-
-        pl = portalocker.Lock(path, timeout=120)
-        return LockPair(pl.acquire, pl.release, pl.acquire, pl.release, False)
-    if lib == "portalocker.lock(fh)":
-        import portalocker
-
-        fh = open(path, "a")  # noqa: SIM115 - held for the lifetime of the benchmark
-        return LockPair(
-            lambda: portalocker.lock(fh, portalocker.LockFlags.SHARED),
-            lambda: portalocker.unlock(fh),
-            lambda: portalocker.lock(fh, portalocker.LockFlags.EXCLUSIVE),
-            lambda: portalocker.unlock(fh),
-            True,
-        )
-    raise ValueError(lib)
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def available_libs() -> list[str]:
-    """The lock libraries that can run here (ours first)."""
-    libs = []
-    if ours("DirectoryLocker") is not None:
-        libs.append("htmlgraph DirectoryLocker")
-    if _importable("filelock"):
-        libs += ["filelock.FileLock", "filelock.SoftFileLock"]
-    if _importable("fasteners"):
-        libs += ["fasteners.InterProcessLock", "fasteners.InterProcessReaderWriterLock"]
-    if _importable("portalocker"):
-        libs += ["portalocker.Lock", "portalocker.lock(fh)"]
-    return libs
-
-
-MECHANISM = {
-    "floor-marker": "O_EXCL create + close + unlink, bare os calls",
-    "floor-flock": "flock(LOCK_EX) + flock(LOCK_UN) on an open fd",
-    "htmlgraph DirectoryLocker": "marker files (publish, then scan)",
-    "filelock.FileLock": "flock(2), exclusive only",
-    "filelock.SoftFileLock": "O_EXCL marker file, exclusive only",
-    "fasteners.InterProcessLock": "lockf(3), exclusive only",
-    "fasteners.InterProcessReaderWriterLock": "lockf(3) shared/exclusive",
-    "portalocker.Lock": "flock(2), opens the file per acquire, exclusive",
-    "portalocker.lock(fh)": "flock(2) on a held handle, blocking",
-}
+from benchmarks._common import CaseResult, Op, Row, fmt_ratio, md_table, round_robin
+from benchmarks._lockers import MECHANISM, Acquire, available_libs, make_lock
 
 
 def _floor_marker(d: str) -> Op:

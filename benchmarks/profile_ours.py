@@ -28,6 +28,7 @@ from pathlib import Path
 
 from benchmarks._common import Op, fmt_time, md_table, ours, round_robin
 from benchmarks._writers import floor_durable, floor_fast
+from benchmarks.cleanup import OrphanDir, dead_pid
 from benchmarks.strace_peers import trace_writer
 
 
@@ -352,8 +353,6 @@ def cleanup_profile(entries: int) -> str:
     """cProfile of cleanup_orphaned_temp_files over ``entries`` entries on tmpfs."""
     import logging
 
-    from benchmarks.cleanup import _dead_pid, _Dir
-
     cleanup = ours("cleanup_orphaned_temp_files")
     if cleanup is None:
         return ""
@@ -361,7 +360,7 @@ def cleanup_profile(entries: int) -> str:
     logging.getLogger("htmlgraph").addHandler(null)
     base = Path(tempfile.mkdtemp(prefix="htmlgraph-cprof-", dir="/dev/shm"))
     try:
-        d = _Dir(base / "d", _dead_pid())
+        d = OrphanDir(base / "d", dead_pid())
         d.grow_to(entries)
         prof = cProfile.Profile()
         prof.enable()

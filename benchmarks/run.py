@@ -26,11 +26,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import fmt_ratio, machine_info, md_table, peer_versions
+from benchmarks._common import CaseResult, Trace, fmt_ratio, machine_info, md_table, peer_versions
 from benchmarks.cleanup import CleanupPoint, bench_cleanup
 from benchmarks.locks import bench_throughput, bench_uncontended
-from benchmarks.strace_peers import Trace, durability_table, verify_all
-from benchmarks.writes import CaseResult, bench_json, bench_reads, bench_sizes
+from benchmarks.strace_peers import durability_table, verify_all
+from benchmarks.writes import bench_json, bench_reads, bench_sizes
 
 SECTIONS = ("writes", "json", "reads", "locks", "throughput", "cleanup")
 OURS_D = "htmlgraph atomic_write"

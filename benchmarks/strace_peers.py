@@ -21,10 +21,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks._common import REPO_ROOT, md_table
+from benchmarks._common import REPO_ROOT, Trace, md_table
+from benchmarks._lockers import make_lock
+from benchmarks._writers import WRITERS, WRITERS_BY_NAME
 
 # Built at run time so that the literal never appears in this file's source,
 # which the traced child reads (and strace prints) while importing.
@@ -36,73 +37,6 @@ _STAT_CALLS = ("stat", "lstat", "newfstatat", "statx", "fstatat64")
 _LINE = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((.*)\)\s+=\s+(-?\d+|\?)(.*)$")
 _PREFIX = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
-
-
-@dataclass
-class Trace:
-    """Syscalls of one traced write and what they prove."""
-
-    name: str
-    calls: list[str] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def _first_rename(self) -> int | None:
-        for i, e in enumerate(self.events):
-            if e.startswith(("rename", "link")):
-                return i
-        return None
-
-    def _fsyncs(self, kind: str, after: bool) -> bool:
-        first = self._first_rename
-        for i, e in enumerate(self.events):
-            if e == f"fsync {kind}":
-                is_after = first is not None and i > first
-                if is_after == after:
-                    return True
-        return False
-
-    @property
-    def file_fsync(self) -> str:
-        """``before rename`` / ``AFTER rename`` / ``no``."""
-        if self._fsyncs("file", after=False):
-            return "before rename"
-        if self._fsyncs("file", after=True):
-            return "AFTER rename"
-        return "no"
-
-    @property
-    def dir_fsync(self) -> str:
-        """``after rename`` / ``no``."""
-        return "after rename" if self._fsyncs("dir", after=True) else "no"
-
-    @property
-    def commit(self) -> str:
-        """The syscall that publishes the new content."""
-        for e in self.events:
-            if e.startswith(("rename", "link")):
-                return e.split()[0]
-        return "none"
-
-    @property
-    def label(self) -> str:
-        """Short durability label for the result tables."""
-        if self.error:
-            return "unverified"
-        f, d = self.file_fsync, self.dir_fsync
-        if f == "before rename" and d != "no":
-            return "file+dir fsync"
-        if f == "before rename":
-            return "file fsync only"
-        if f == "AFTER rename":
-            return "fsync after rename" + (" +dir" if d != "no" else "")
-        return "dir fsync only" if d != "no" else "no fsync"
-
-    @property
-    def durable(self) -> bool:
-        """True when a power cut right after return keeps the new content."""
-        return self.label == "file+dir fsync"
 
 
 def _parse(name: str, text: str) -> Trace:
@@ -186,8 +120,6 @@ def _child(name: str, directory: str, payload_kind: str) -> None:
     if name.startswith("lock:"):
         _lock_child(name, directory)
         return
-    from benchmarks._writers import WRITERS_BY_NAME
-
     writer = WRITERS_BY_NAME[name]
     target = os.path.join(directory, "target.dat")
     data: bytes | str = b"x" * 4096 if payload_kind == "bytes" else "x" * 4096
@@ -211,8 +143,6 @@ def _mark(directory: str, mark: str) -> None:
 
 def _lock_child(name: str, directory: str) -> None:
     """``lock:<library>:<shared|exclusive>``: one acquire+release, traced."""
-    from benchmarks.locks import make_lock
-
     _, lib, mode = name.split(":")
     lock_dir = os.path.join(directory, "locks")
     os.mkdir(lock_dir)
@@ -232,8 +162,6 @@ def _lock_child(name: str, directory: str) -> None:
 
 def verify_all(work_dir: Path) -> dict[str, Trace]:
     """Trace every available writer once; keyed by writer name."""
-    from benchmarks._writers import WRITERS
-
     return {
         w.name: trace_writer(w.name, work_dir)
         for w in WRITERS

@@ -6,24 +6,20 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks._common import (
+    CaseResult,
     Op,
-    Series,
+    Row,
     SlotOp,
-    fmt_ratio,
-    fmt_time,
-    md_table,
-    median_ratio_ci,
+    Trace,
     ours,
     round_robin,
     round_robin_slots,
 )
 from benchmarks._writers import JSON_WRITERS, WRITERS, Payload
-from benchmarks.strace_peers import Trace
 
 SIZES: list[tuple[str, int]] = [
     ("100 B", 100),
@@ -42,83 +38,6 @@ REPS: dict[int, tuple[int, int]] = {
     1 << 20: (600, 8),
     64 << 20: (40, 2),
 }
-
-
-@dataclass
-class Row:
-    """One contender's result in one case."""
-
-    name: str
-    durability: str
-    series: Series
-
-
-@dataclass
-class CaseResult:
-    """All contenders of one case, measured side by side."""
-
-    title: str
-    rows: list[Row] = field(default_factory=list)
-    note: str = ""
-
-    def median(self, name: str) -> float | None:
-        """Median of contender ``name``, or None if it did not run."""
-        for r in self.rows:
-            if r.name == name:
-                return r.series.median
-        return None
-
-    def samples(self, name: str) -> list[float] | None:
-        """The timings of contender ``name``, or None if it did not run."""
-        for r in self.rows:
-            if r.name == name:
-                return r.series.samples
-        return None
-
-    def ratio_ci(self, name: str, other: str) -> tuple[float, float] | None:
-        """95 % bootstrap interval of ``median(name) / median(other)``."""
-        a, b = self.samples(name), self.samples(other)
-        if not a or not b:
-            return None
-        return median_ratio_ci(a, b)
-
-    def ratio(self, name: str, floor: str) -> float | None:
-        """``median(name) / median(floor)``."""
-        a, b = self.median(name), self.median(floor)
-        if a is None or b is None or b == 0:
-            return None
-        return a / b
-
-    def table(self, floors: Sequence[str] = ("floor-durable", "floor-fast")) -> str:
-        """Markdown table: median, IQR and the ratio to each floor."""
-        rows = []
-        for r in self.rows:
-            lo, hi = r.series.iqr
-            rows.append(
-                [
-                    r.name,
-                    r.durability,
-                    str(len(r.series.samples)),
-                    fmt_time(r.series.median),
-                    f"{fmt_time(lo)} - {fmt_time(hi)}",
-                    fmt_time(min(r.series.samples)),
-                    *(fmt_ratio(self.ratio(r.name, f)) for f in floors),
-                ]
-            )
-        headers = [
-            "contender",
-            "durability",
-            "n",
-            "median",
-            "IQR",
-            "min",
-            *("x " + f for f in floors),
-        ]
-        return (
-            f"### {self.title}\n\n"
-            + md_table(headers, rows)
-            + (f"\n\n{self.note}" if self.note else "")
-        )
 
 
 def _payload(size: int, text: bool) -> Payload:

@@ -68,7 +68,20 @@ def run_cli(
     )
 
 
+def default_sigint() -> None:
+    """Give a child Python's default SIGINT handling (KeyboardInterrupt).
+
+    A child inherits an ignored SIGINT (the suite started by ``nohup`` or as a
+    background job) and Python then keeps ignoring it; tests that send SIGINT
+    need it at its default, which the child's Python turns into
+    ``signal.default_int_handler``. Runs in the child between fork and exec.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args: str, **kwargs: object) -> subprocess.Popen[bytes]:
+    if POSIX:  # Windows has no preexec_fn (nor an inherited SIG_IGN to undo)
+        kwargs.setdefault("preexec_fn", default_sigint)
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     kwargs.setdefault("stdin", subprocess.DEVNULL)
@@ -414,11 +427,18 @@ def test_write_from_command_failure_and_success(target: Path) -> None:
 def test_write_interrupted_while_blocked_on_stdin(target: Path, signum: int) -> None:
     proc = start_cli("write", str(target), stdin=subprocess.PIPE)
     assert proc.stdin is not None
+
+    def streamed() -> bool:
+        return any((target.parent / name).stat().st_size > 0 for name in temps(target.parent))
+
     try:
-        proc.stdin.write(b"new partial content " * 1000)
+        # One whole 1 MiB read of the CLI, and a little more: once the first
+        # chunk is in the temp file the CLI is blocked reading the rest. (A
+        # signal that lands while the temp file is being created is another
+        # scenario, which this test does not aim at.)
+        proc.stdin.write(b"x" * (1 << 20) + b"new partial content " * 1000)
         proc.stdin.flush()
-        # The temp file exists once write has started streaming into it.
-        wait_for(lambda: bool(temps(target.parent)), "the temp file")
+        wait_for(streamed, "the first chunk in the temp file")
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -691,6 +711,7 @@ if sys.platform != "win32":  # pty, fork and WNOHANG are POSIX only (also for my
         env = cli_env()
         pid, fd = pty.fork()
         if pid == 0:  # the child: a session leader with the pty as its terminal
+            default_sigint()
             os.execve(argv[0], argv, env)  # noqa: S606 - argv is ours
         output = b""
         try:
@@ -844,6 +865,54 @@ def test_validate(tmp_path: Path) -> None:
     assert b"is a directory" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"plain \xc3\xa9 text\n", None),
+        (b"", None),
+        (b"abc\xff", "not valid UTF-8 at byte 3"),
+        (b"ab\xc3", "not valid UTF-8: truncated character at the end (byte 3)"),
+        # A character split by the 1 MiB read boundary, then broken: the
+        # offset counts from its first byte, in the previous chunk.
+        (b"a" * ((1 << 20) - 1) + b"\xe2\x82x", f"not valid UTF-8 at byte {(1 << 20) - 1}"),
+        (b"a" * ((1 << 20) - 1) + b"\xe2\x82\xac\xff", f"not valid UTF-8 at byte {(1 << 20) + 2}"),
+    ],
+)
+def test_validate_reason_agrees_with_the_library(
+    tmp_path: Path, content: bytes, reason: str | None
+) -> None:
+    from htmlgraph import validate_atomic_write
+    from htmlgraph._validation import invalid_reason
+
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    assert invalid_reason(str(path)) == reason
+    assert validate_atomic_write(path) is (reason is None)
+    assert cli.main(["validate", str(path)]) == (0 if reason is None else 1)
+
+
+@posix_only
+def test_validate_reasons_for_what_is_not_a_file(tmp_path: Path) -> None:
+    from htmlgraph import validate_atomic_write
+    from htmlgraph._validation import invalid_reason
+
+    if sys.platform == "win32":  # unreachable (posix_only); tells mypy mkfifo exists
+        pytest.skip("POSIX only")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    under_a_file = tmp_path / "fifo" / "x"
+    for path, reason in (
+        (fifo, "is not a regular file"),
+        (tmp_path, "is a directory"),
+        (dangling, "does not exist"),
+        (under_a_file, "cannot stat: Not a directory"),
+    ):
+        assert invalid_reason(str(path)) == reason
+        assert validate_atomic_write(path) is False
+
+
 # --------------------------------------------------------------------------
 # check
 # --------------------------------------------------------------------------
@@ -870,6 +939,7 @@ def assert_clean_check(
     return report  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # a full clean check; the fast suite keeps test_check_table_output
 def test_check_on_disk(tmp_path: Path) -> None:
     result = run_cli("check", "--seconds", "2.5", "--processes", "3", "--json", str(tmp_path))
     report = assert_clean_check(result, tmp_path)
@@ -896,6 +966,7 @@ def tmpfs_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mount_point)], timeout=TIMEOUT, check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 def test_check_on_tmpfs(tmpfs_dir: Path) -> None:
     assert _selfcheck.filesystem_type(str(tmpfs_dir)) == "tmpfs"
@@ -940,7 +1011,7 @@ def test_check_catches_a_broken_writer_subprocess(tmp_path: Path) -> None:
     result = run_cli(
         "check",
         "--seconds",
-        "2",
+        "1",
         "--processes",
         "2",
         "--writer",
@@ -955,8 +1026,9 @@ def test_check_catches_a_broken_writer_subprocess(tmp_path: Path) -> None:
 
 
 def test_check_catches_a_broken_writer_in_process(tmp_path: Path) -> None:
+    # The writer's pause makes a torn file likely at once; 1 s is plenty.
     report = _selfcheck.run_check(
-        tmp_path, seconds=2, processes=2, writer=_clihelpers.inplace_writer
+        tmp_path, seconds=1, processes=2, writer=_clihelpers.inplace_writer
     )
     assert not report.ok
     assert report.kills > 0
@@ -1009,7 +1081,7 @@ def test_check_with_spawned_children(tmp_path: Path, monkeypatch: pytest.MonkeyP
     import multiprocessing
 
     monkeypatch.setattr(_selfcheck, "_context", lambda: multiprocessing.get_context("spawn"))
-    report = _selfcheck.run_check(tmp_path, seconds=2, processes=1)
+    report = _selfcheck.run_check(tmp_path, seconds=1, processes=1)
     assert report.ok, report.violations()
     assert report.kills > 0
     assert listing(tmp_path) == []
@@ -1033,6 +1105,77 @@ def test_check_report_rendering(capsys: pytest.CaptureFixture[str]) -> None:
     assert any("nothing was tested" in p for p in problems)
     assert "a child exited with 1" in problems
     assert report.as_dict()["ok"] is False
+
+
+def test_check_report_rules_live_once() -> None:
+    report = _selfcheck.CheckReport(
+        directory="/d", filesystem="ext4", writer="w", locker="l", seconds=1, processes=2
+    )
+    # Nothing measured: every promise that needs a measurement is unmet.
+    failing = {label for label, _, verdict in report.rows() if verdict == "FAIL"}
+    assert failing == {
+        "writes (concurrent + kill loop)",
+        "writers killed (SIGKILL)",
+        "lock-protected updates",
+    }
+    report.writes, report.kills, report.lock_updates = 5, 3, 4
+    report.temps_after_kill, report.orphans_cleaned = 3, 2
+    assert report.violations() == ["cleanup removed 2 of the 3 temp files the kills left"]
+    report.orphans_cleaned = 3
+    assert report.ok
+    assert all(verdict in ("ok", "") for _, _, verdict in report.rows())
+    # Each FAIL row is exactly one listed violation, and the other way round.
+    report.torn_reads, report.dir_fsync = 1, "failed (Input/output error)"
+    fails = [finding for finding in report.findings() if finding.verdict == "FAIL"]
+    assert [finding.problem for finding in fails] == report.violations()
+    assert len(fails) == 2
+
+
+def test_run_check_error_numbers(tmp_path: Path) -> None:
+    import errno
+
+    with pytest.raises(FileNotFoundError) as missing:
+        _selfcheck.run_check(tmp_path / "missing", seconds=0)
+    assert missing.value.errno == errno.ENOENT
+    assert missing.value.filename == str(tmp_path / "missing")
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"")
+    with pytest.raises(NotADirectoryError) as not_dir:
+        _selfcheck.run_check(a_file, seconds=0)
+    assert not_dir.value.errno == errno.ENOTDIR
+    assert not_dir.value.filename == str(a_file)
+    assert listing(tmp_path) == ["file"]
+
+
+def test_check_hides_cleanup_warnings_without_touching_logger_levels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    names = ("htmlgraph", "htmlgraph.atomic_ops", "htmlgraph.session_registry")
+    before = [logging.getLogger(name).level for name in names]
+    seen: list[list[int]] = []
+
+    def fake_run_check(directory: str, **kwargs: object) -> _selfcheck.CheckReport:
+        # What the real kill phase does: the cleanup warns about each orphan.
+        seen.append([logging.getLogger(name).level for name in names[1:]])
+        logging.getLogger("htmlgraph.atomic_ops").warning("removed orphan X")
+        logging.getLogger("htmlgraph.atomic_ops").error("an error is always shown")
+        logging.getLogger("htmlgraph.session_registry").warning("another module's warning")
+        return _selfcheck.CheckReport(directory, "ext4", "w", "l", 0, 1)
+
+    monkeypatch.setattr(_selfcheck, "run_check", fake_run_check)
+    assert cli.main(["check", str(tmp_path)]) == 1  # the fake measured nothing
+    err = capsys.readouterr().err
+    assert "removed orphan X" not in err
+    assert "ERROR: an error is always shown" in err
+    assert "WARNING: another module's warning" in err
+    assert cli.main(["check", "-v", str(tmp_path)]) == 1
+    assert "WARNING: removed orphan X" in capsys.readouterr().err
+    # No handler changed a module logger's level, and main() put back the package's.
+    assert seen == [before[1:], before[1:]]
+    assert [logging.getLogger(name).level for name in names] == before
+    assert logging.getLogger("htmlgraph").handlers == []
 
 
 def test_content_format() -> None:

@@ -29,6 +29,7 @@ hand it a deliberately broken writer and watch the checker catch it. With the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -36,16 +37,17 @@ import random
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from typing import Any, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from htmlgraph import _platform
 from htmlgraph.atomic_ops import (
@@ -56,9 +58,11 @@ from htmlgraph.atomic_ops import (
 
 __all__ = [
     "CheckReport",
+    "Finding",
     "LockFactory",
     "LockLike",
     "Progress",
+    "Verdict",
     "Writer",
     "atomic_writer",
     "content_is_complete",
@@ -94,6 +98,7 @@ _MAGIC = b"htmlgraph-check"
 _TARGET = "target.bin"
 _COUNTER = "counter"
 _INSIDE = "inside"
+_LOCK_DIR = "lock"
 _PAYLOAD = 128 * 1024  # large enough that a write takes a while to kill inside
 _JOIN_TIMEOUT = 30.0  # any single child join; generous for a loaded machine
 _START_TIMEOUT = 60.0  # a spawned child imports Python and htmlgraph first
@@ -142,6 +147,33 @@ def content_is_complete(data: bytes) -> bool:
     return len(payload) == size and hashlib.sha256(payload).hexdigest().encode() == parts[3]
 
 
+Verdict = Literal["ok", "FAIL", ""]
+"""A table row's verdict: the promise held, broke, or the row is a plain count."""
+
+
+class Finding(NamedTuple):
+    """One line of the report: a measurement and, if it breaks a promise, why."""
+
+    label: str
+    value: str
+    problem: str | None = None
+    """The broken promise, or None when it held."""
+    judged: bool = True
+    """False for a plain count that no promise is about (its verdict is blank)."""
+
+    @classmethod
+    def judge(cls, label: str, value: object, broken: bool, problem: str) -> Finding:
+        """A finding held to a promise: ``problem`` applies when ``broken``."""
+        return cls(label, str(value), problem if broken else None)
+
+    @property
+    def verdict(self) -> Verdict:
+        """``"FAIL"``, ``"ok"``, or ``""`` for a plain count."""
+        if self.problem is not None:
+            return "FAIL"
+        return "ok" if self.judged else ""
+
+
 @dataclass
 class CheckReport:
     """What ``htmlgraph check`` measured; :meth:`violations` lists broken promises."""
@@ -168,67 +200,93 @@ class CheckReport:
     dir_fsync: str = "not tried"
     errors: list[str] = field(default_factory=list)
 
+    def findings(self) -> list[Finding]:
+        """Return every measurement with its verdict: the one home of the rules.
+
+        The table (:meth:`rows`) and the list of broken promises
+        (:meth:`violations`) are both read off this list.
+        """
+        shown = ", ".join(self.leftovers[:5])
+        more = f" and {len(self.leftovers) - 5} more" if len(self.leftovers) > 5 else ""
+        return [
+            Finding.judge(
+                "writes (concurrent + kill loop)",
+                self.writes,
+                self.writes == 0,
+                "no write completed: nothing was tested",
+            ),
+            Finding("reads", str(self.reads), judged=False),
+            Finding.judge(
+                "torn reads seen",
+                self.torn_reads,
+                self.torn_reads > 0,
+                f"{self.torn_reads} reads saw a torn, empty or missing file",
+            ),
+            Finding.judge(
+                "writers killed (SIGKILL)",
+                self.kills,
+                self.kills == 0,
+                "no writer was killed: the crash promise was not tested",
+            ),
+            Finding.judge(
+                "torn/empty/missing after kill",
+                self.torn_after_kill,
+                self.torn_after_kill > 0,
+                f"{self.torn_after_kill} kills left the target torn, empty or missing",
+            ),
+            Finding.judge(
+                "lock-protected updates",
+                self.lock_updates,
+                self.lock_updates == 0,
+                "no lock-protected update completed: the lock was not tested",
+            ),
+            Finding("shared-lock reads", str(self.shared_reads), judged=False),
+            Finding.judge(
+                "lost lock-protected updates",
+                self.lost_updates,
+                self.lost_updates != 0,
+                f"{self.lost_updates} lock-protected updates were lost",
+            ),
+            Finding.judge(
+                "overlapping lock holders",
+                self.lock_overlaps,
+                self.lock_overlaps > 0,
+                f"{self.lock_overlaps} times two holders overlapped in the lock",
+            ),
+            Finding.judge(
+                "orphaned temp files cleaned",
+                self.orphans_cleaned,
+                self.orphans_cleaned < self.temps_after_kill,
+                f"cleanup removed {self.orphans_cleaned} of the {self.temps_after_kill} "
+                "temp files the kills left",
+            ),
+            Finding.judge(
+                "files left after cleanup",
+                len(self.leftovers),
+                bool(self.leftovers),
+                f"files left behind after cleanup: {shown}{more}",
+            ),
+            Finding.judge(
+                "directory fsync supported",
+                self.dir_fsync,
+                self.dir_fsync.startswith("failed"),
+                f"directory fsync {self.dir_fsync}",
+            ),
+        ]
+
     def violations(self) -> list[str]:
         """Return one line per broken promise (empty when everything held)."""
-        problems = []
-        if self.torn_reads:
-            problems.append(f"{self.torn_reads} reads saw a torn, empty or missing file")
-        if self.torn_after_kill:
-            problems.append(f"{self.torn_after_kill} kills left the target torn, empty or missing")
-        if self.lost_updates:
-            problems.append(f"{self.lost_updates} lock-protected updates were lost")
-        if self.lock_overlaps:
-            problems.append(f"{self.lock_overlaps} times two holders overlapped in the lock")
-        if self.leftovers:
-            shown = ", ".join(self.leftovers[:5])
-            more = f" and {len(self.leftovers) - 5} more" if len(self.leftovers) > 5 else ""
-            problems.append(f"files left behind after cleanup: {shown}{more}")
-        if self.dir_fsync.startswith("failed"):
-            problems.append(f"directory fsync {self.dir_fsync}")
-        if self.writes == 0:
-            problems.append("no write completed: nothing was tested")
-        if self.kills == 0:
-            problems.append("no writer was killed: the crash promise was not tested")
-        if self.lock_updates == 0:
-            problems.append("no lock-protected update completed: the lock was not tested")
-        problems.extend(self.errors)
-        return problems
+        broken = [f.problem for f in self.findings() if f.problem is not None]
+        return broken + self.errors
 
     @property
     def ok(self) -> bool:
         """True when no promise was broken."""
         return not self.violations()
 
-    def rows(self) -> list[tuple[str, str, str]]:
-        """Return the table rows: (label, value, "ok" / "FAIL" / "")."""
-
-        def verdict(bad: bool) -> str:
-            return "FAIL" if bad else "ok"
-
-        fsync_failed = self.dir_fsync.startswith("failed")
-        orphans_missed = self.orphans_cleaned < self.temps_after_kill
-        return [
-            ("writes (concurrent + kill loop)", str(self.writes), ""),
-            ("reads", str(self.reads), ""),
-            ("torn reads seen", str(self.torn_reads), verdict(self.torn_reads > 0)),
-            ("writers killed (SIGKILL)", str(self.kills), verdict(self.kills == 0)),
-            (
-                "torn/empty/missing after kill",
-                str(self.torn_after_kill),
-                verdict(self.torn_after_kill > 0),
-            ),
-            ("lock-protected updates", str(self.lock_updates), verdict(self.lock_updates == 0)),
-            ("shared-lock reads", str(self.shared_reads), ""),
-            (
-                "lost lock-protected updates",
-                str(self.lost_updates),
-                verdict(self.lost_updates != 0),
-            ),
-            ("overlapping lock holders", str(self.lock_overlaps), verdict(self.lock_overlaps > 0)),
-            ("orphaned temp files cleaned", str(self.orphans_cleaned), verdict(orphans_missed)),
-            ("files left after cleanup", str(len(self.leftovers)), verdict(bool(self.leftovers))),
-            ("directory fsync supported", self.dir_fsync, verdict(fsync_failed)),
-        ]
+    def rows(self) -> list[tuple[str, str, Verdict]]:
+        """Return the table rows: (label, value, "ok" / "FAIL" / "" for a plain count)."""
+        return [(f.label, f.value, f.verdict) for f in self.findings()]
 
     def as_dict(self) -> dict[str, object]:
         """Return the report as JSON-ready data, with ``ok`` and ``violations``."""
@@ -241,6 +299,18 @@ class CheckReport:
 # --------------------------------------------------------------------------
 # Child processes (module level, so "spawn" can import them)
 # --------------------------------------------------------------------------
+
+
+class _Tally(NamedTuple):
+    """What one child counted, sent to the parent through a Pipe (picklable)."""
+
+    writes: int = 0
+    reads: int = 0
+    torn: int = 0
+    increments: int = 0
+    overlaps: int = 0
+    shared_reads: int = 0
+    error: str = ""
 
 
 def _child_setup() -> None:
@@ -269,7 +339,7 @@ def _writer_child(
                 break
     except Exception as exc:  # reported to the parent, which fails the check
         error = f"writer {first}: {type(exc).__name__}: {exc}"
-    conn.send({"writes": writes, "error": error})
+    conn.send(_Tally(writes=writes, error=error))
     conn.close()
 
 
@@ -294,7 +364,7 @@ def _reader_child(path: str, stop: Event, conn: Connection) -> None:
                 torn += 1
     except Exception as exc:
         error = f"reader: {type(exc).__name__}: {exc}"
-    conn.send({"reads": reads, "torn": torn, "error": error})
+    conn.send(_Tally(reads=reads, torn=torn, error=error))
     conn.close()
 
 
@@ -363,7 +433,7 @@ def _lock_child(
     except Exception as exc:
         error = f"lock user: {type(exc).__name__}: {exc}"
     conn.send(
-        {"increments": increments, "overlaps": overlaps, "shared": shared_reads, "error": error}
+        _Tally(increments=increments, overlaps=overlaps, shared_reads=shared_reads, error=error)
     )
     conn.close()
 
@@ -449,13 +519,19 @@ class _Run:
 
     def collect(
         self, children: Sequence[tuple[BaseProcess, _Receiver]], errors: list[str]
-    ) -> list[dict[str, Any]]:
-        """Receive each child's result and join it, all bounded."""
+    ) -> list[_Tally]:
+        """Receive each child's tally and join it, all bounded; problems go to ``errors``."""
         results = []
         for process, conn in children:
             try:
                 if conn.poll(_JOIN_TIMEOUT):
-                    results.append(conn.recv())
+                    result = conn.recv()
+                    if isinstance(result, _Tally):
+                        results.append(result)
+                        if result.error:
+                            errors.append(result.error)
+                    else:
+                        errors.append(f"a child (pid {process.pid}) sent {result!r}")
                 else:
                     errors.append(f"a child (pid {process.pid}) sent no result in time")
             except (EOFError, OSError) as exc:
@@ -483,6 +559,14 @@ def _temp_names(directory: str) -> list[str]:
     return sorted(name for name in os.listdir(directory) if name.startswith(".tmp-"))
 
 
+def _leftovers(directory: str, scratch: str, expected: Collection[str] = ()) -> list[str]:
+    """List what ``directory`` holds besides ``expected``, as paths relative to ``scratch``."""
+    where = os.path.relpath(directory, scratch)
+    return [
+        os.path.join(where, name) for name in sorted(os.listdir(directory)) if name not in expected
+    ]
+
+
 def _phase_readwrite(run: _Run, report: CheckReport, writer: Writer, directory: str) -> None:
     os.mkdir(directory)
     target = os.path.join(directory, _TARGET)
@@ -503,20 +587,14 @@ def _phase_readwrite(run: _Run, report: CheckReport, writer: Writer, directory: 
         children.append((run.start(_reader_child, target, stop, send), receive))
         send.close()
     run.wait_phase("concurrent writers and readers", _SHARE_READWRITE, stop)
-    for result in run.collect(children, report.errors):
-        report.writes += result.get("writes", 0)
-        report.reads += result.get("reads", 0)
-        report.torn_reads += result.get("torn", 0)
-        if result.get("error"):
-            report.errors.append(result["error"])
+    for tally in run.collect(children, report.errors):
+        report.writes += tally.writes
+        report.reads += tally.reads
+        report.torn_reads += tally.torn
     if not content_is_complete(_read(target)):
         report.torn_reads += 1
     # Every writer finished normally: nothing but the target may remain.
-    report.leftovers.extend(
-        os.path.join(os.path.basename(directory), name)
-        for name in sorted(os.listdir(directory))
-        if name != _TARGET
-    )
+    report.leftovers.extend(_leftovers(directory, os.path.dirname(directory), {_TARGET}))
 
 
 def _read(path: str) -> bytes:
@@ -577,16 +655,12 @@ def _phase_kill(run: _Run, report: CheckReport, writer: Writer, directory: str) 
         report.temps_after_kill = len(_temp_names(directory))
     # Kills leave temp files by design; the cleanup must find every one.
     report.orphans_cleaned = cleanup_orphaned_temp_files(directory, age_hours=0)
-    report.leftovers.extend(
-        os.path.join(os.path.basename(directory), name)
-        for name in sorted(os.listdir(directory))
-        if name != _TARGET
-    )
+    report.leftovers.extend(_leftovers(directory, os.path.dirname(directory), {_TARGET}))
 
 
 def _phase_lock(run: _Run, report: CheckReport, locker: LockFactory, directory: str) -> None:
     os.mkdir(directory)
-    lock_dir = os.path.join(directory, "lock")
+    lock_dir = os.path.join(directory, _LOCK_DIR)
     os.mkdir(lock_dir)
     counter = os.path.join(directory, _COUNTER)
     inside = os.path.join(directory, _INSIDE)
@@ -603,12 +677,10 @@ def _phase_lock(run: _Run, report: CheckReport, locker: LockFactory, directory: 
         send.close()
     run.wait_phase("lock contention", _SHARE_LOCK, stop)
     increments = 0
-    for result in run.collect(children, report.errors):
-        increments += result.get("increments", 0)
-        report.lock_overlaps += result.get("overlaps", 0)
-        report.shared_reads += result.get("shared", 0)
-        if result.get("error"):
-            report.errors.append(result["error"])
+    for tally in run.collect(children, report.errors):
+        increments += tally.increments
+        report.lock_overlaps += tally.overlaps
+        report.shared_reads += tally.shared_reads
     try:
         final = int(_read(counter))
     except ValueError:
@@ -617,13 +689,10 @@ def _phase_lock(run: _Run, report: CheckReport, locker: LockFactory, directory: 
     report.lock_updates = increments
     report.lost_updates = increments - final
     # Every holder released: no marker (and no "inside" flag) may remain.
+    scratch = os.path.dirname(directory)
+    report.leftovers.extend(_leftovers(directory, scratch, {_COUNTER, _LOCK_DIR}))
     if os.path.isdir(lock_dir):
-        report.leftovers.extend(
-            os.path.join(os.path.basename(directory), "lock", name)
-            for name in sorted(os.listdir(lock_dir))
-        )
-    if os.path.exists(inside):
-        report.leftovers.append(os.path.join(os.path.basename(directory), _INSIDE))
+        report.leftovers.extend(_leftovers(lock_dir, scratch))
 
 
 def _try_dir_fsync(directory: str) -> str:
@@ -683,8 +752,8 @@ def run_check(
         raise ValueError(f"seconds must be >= 0, not {seconds!r}")
     if processes < 1:
         raise ValueError(f"processes must be at least 1, not {processes!r}")
-    if not os.path.isdir(base):
-        raise NotADirectoryError(2, "not a directory", base)
+    if not stat.S_ISDIR(os.stat(base).st_mode):  # a missing one raises FileNotFoundError
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), base)
     report = CheckReport(
         directory=os.path.abspath(base),
         filesystem=filesystem_type(base),

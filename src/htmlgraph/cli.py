@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from htmlgraph import __version__
 
 if TYPE_CHECKING:
     from htmlgraph._selfcheck import CheckReport, Writer
+    from htmlgraph.atomic_ops import AtomicFileWriter
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_TEMPFAIL", "EXIT_USAGE", "Terminated", "main"]
 
@@ -146,12 +146,20 @@ def _how_it_ended(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _convert(text: str, convert: Callable[[str], _N], what: str) -> _N:
+    """Convert an argparse argument, or fail with ``not <what>: 'text'``."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
 def _octal_mode(text: str) -> int:
     """Parse an octal permission string such as ``0644`` or ``600`` (argparse type)."""
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    value = _convert(text, lambda t: int(t, 8), "an octal mode")
     if not 0 <= value <= 0o7777:
         raise argparse.ArgumentTypeError(f"mode out of range 0..7777: {text!r}")
     return value
@@ -159,10 +167,7 @@ def _octal_mode(text: str) -> int:
 
 def _non_negative(text: str) -> float:
     """Parse a finite number >= 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _convert(text, float, "a number")
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
     return value
@@ -170,10 +175,7 @@ def _non_negative(text: str) -> float:
 
 def _positive_int(text: str) -> int:
     """Parse an integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _convert(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
@@ -273,15 +275,23 @@ class _ProducerFailed(Exception):
         self.returncode = returncode
 
 
-def _cmd_write(args: argparse.Namespace) -> int:
-    from htmlgraph.atomic_ops import AtomicFileWriter, atomic_write
+def _target_writer(args: argparse.Namespace) -> AtomicFileWriter[bytes]:
+    """The writer that replaces ``write``'s FILE, with the options the user gave."""
+    from htmlgraph.atomic_ops import AtomicFileWriter
 
+    return AtomicFileWriter(
+        args.file,
+        mode="wb",
+        durable=not args.no_fsync,
+        overwrite=not args.no_overwrite,
+        permissions=args.mode,
+    )
+
+
+def _cmd_write(args: argparse.Namespace) -> int:
     target: str = args.file
-    durable = not args.no_fsync
-    overwrite = not args.no_overwrite
-    permissions: int | None = args.mode
     command: list[str] = args.command
-    if not overwrite and os.path.lexists(target):
+    if args.no_overwrite and os.path.lexists(target):
         # Fail before reading a possibly huge stdin; the writer checks again,
         # atomically, when it commits.
         raise FileExistsError(errno.EEXIST, "target exists (--no-overwrite)", target)
@@ -291,15 +301,12 @@ def _cmd_write(args: argparse.Namespace) -> int:
         stdin = _binary_stdin()
         if args.json:
             data = stdin.read()
-            _strict_json(data, "stdin")
-            atomic_write(
-                target, data, durable=durable, overwrite=overwrite, permissions=permissions
-            )
+            _strict_json(data, "stdin")  # before the writer: a bad document makes no temp
+            with _target_writer(args) as out:
+                out.write(data)
             logger.info("wrote %d bytes of JSON to %s", len(data), target)
             return EXIT_OK
-        with AtomicFileWriter(
-            target, mode="wb", durable=durable, overwrite=overwrite, permissions=permissions
-        ) as out:
+        with _target_writer(args) as out:
             size = _copy_stream(stdin, out)
         logger.info("wrote %d bytes to %s", size, target)
         return EXIT_OK
@@ -312,21 +319,13 @@ def _write_from_command(args: argparse.Namespace, command: list[str]) -> int:
     producer just closes the pipe, which looks like a normal end of input.
     Running the producer ourselves lets us see its exit status.
     """
-    from htmlgraph.atomic_ops import AtomicFileWriter
-
     target: str = args.file
     proc = _spawn(command, stdout=subprocess.PIPE)
     stdout = proc.stdout
     if stdout is None:  # pragma: no cover - Popen(stdout=PIPE) always sets it
         raise RuntimeError("no pipe to the command")
     try:
-        with AtomicFileWriter(
-            target,
-            mode="wb",
-            durable=not args.no_fsync,
-            overwrite=not args.no_overwrite,
-            permissions=args.mode,
-        ) as out:
+        with _target_writer(args) as out:
             if args.json:
                 data = stdout.read()
             else:
@@ -625,43 +624,14 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _why_invalid(path: str) -> str:
-    """Explain why ``validate_atomic_write(path)`` said no."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot stat: {exc.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        return f"is {kind}"
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as exc:
-                    return f"not valid UTF-8 at byte {offset + exc.start}"
-                offset += len(chunk)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return f"not valid UTF-8: truncated character at the end (byte {offset})"
-    except OSError as exc:
-        return f"cannot read: {exc.strerror}"
-    return "not a complete, readable UTF-8 regular file"
-
-
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from htmlgraph.atomic_ops import validate_atomic_write
+    # The check behind validate_atomic_write, with the reason it says no.
+    from htmlgraph._validation import invalid_reason
 
     path: str = args.file
-    if not validate_atomic_write(path):
-        _err("validate", f"{path}: {_why_invalid(path)}")
+    reason = invalid_reason(path)
+    if reason is not None:
+        _err("validate", f"{path}: {reason}")
         return EXIT_FAILURE
     if args.json:
         try:
@@ -747,12 +717,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     else:
         writer = _selfcheck.fast_atomic_writer if args.no_fsync else _selfcheck.atomic_writer
     progress = _ProgressBar(sys.stderr)
-    # The kill phase leaves orphans on purpose; the library's WARNING for each
-    # one it then removes is noise here (the table counts them). -v shows them.
-    cleanup_logger = logging.getLogger("htmlgraph.atomic_ops")
-    saved_level = cleanup_logger.level
-    if not args.verbose:
-        cleanup_logger.setLevel(logging.ERROR)
     try:
         # SIGTERM unwinds like Ctrl-C, so the children are stopped and the
         # scratch directory removed.
@@ -765,7 +729,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 progress=progress,
             )
     finally:
-        cleanup_logger.setLevel(saved_level)
         progress.close()
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -1083,9 +1046,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanup",
         _cmd_cleanup,
         "remove orphaned temp files in DIR",
-        "Remove the temp files ('.tmp-PID-HEX...') that writers killed mid-write\n"
-        "left in DIR: only regular files older than --age-hours whose writer\n"
-        "process is gone. Not recursive.\n\n"
+        "Remove the temp files ('.tmp-*') that writers killed mid-write left in\n"
+        "DIR: regular files older than --age-hours, except a temp of this library\n"
+        "whose writer may still run (here, or in another pid namespace or host).\n"
+        "Files it may not remove are skipped and counted. Not recursive.\n\n"
         "exit: 0 done, 1 error (DIR missing or unreadable), 2 usage.",
     )
     cleanup.add_argument("dir", metavar="DIR", help="the directory to clean")
@@ -1150,6 +1114,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="test FUNC(path: str, data: bytes) instead of htmlgraph's writer "
         "(to see the checker catch a broken one)",
     )
+    # The kill phase leaves orphans on purpose; the library's WARNING for each
+    # one the cleanup then removes is noise here (the table counts them). -v
+    # shows them.
+    check.set_defaults(quiet_loggers=("htmlgraph.atomic_ops",))
 
     sessions = add(
         "sessions",
@@ -1213,14 +1181,43 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv[:cut], argv[cut + 1 :]
 
 
-def _configure_logging(verbosity: int) -> logging.Handler:
+class _QuietBelowError(logging.Filter):
+    """Pass only ERROR and above from the named loggers (and their children)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.names = tuple(names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        return not any(record.name == n or record.name.startswith(n + ".") for n in self.names)
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbosity: int, quiet: Sequence[str] = ()) -> Iterator[None]:
+    """Send the package's log records to stderr while the block runs; undo it after.
+
+    The one place the CLI configures logging: a handler on the ``htmlgraph``
+    logger at the level ``-v`` asks for. Below ``-v``, records under
+    ``quiet`` loggers (a command's expected noise) are dropped by the handler,
+    not by changing those loggers' levels.
+    """
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
     handler.setFormatter(logging.Formatter(f"{_PROG}: %(levelname)s: %(message)s"))
+    if verbosity <= 0 and quiet:
+        handler.addFilter(_QuietBelowError(quiet))
     package_logger = logging.getLogger("htmlgraph")
+    saved_level = package_logger.level
     package_logger.addHandler(handler)
-    package_logger.setLevel(level)
-    return handler
+    package_logger.setLevel(level)  # else the root's WARNING hides -v's records
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(saved_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1252,10 +1249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _ParserExit as exc:
         return exc.status
     name: str = args.command_name
-    handler = _configure_logging(args.verbose)
+    quiet: Sequence[str] = getattr(args, "quiet_loggers", ())
     try:
-        status: int = args.handler(args)
-        sys.stdout.flush()  # here, so that a closed pipe is handled below
+        with _logging_to_stderr(args.verbose, quiet):
+            status: int = args.handler(args)
+            sys.stdout.flush()  # here, so that a closed pipe is handled below
     except _ParserExit as exc:
         return exc.status
     except _CommandError as exc:
@@ -1282,6 +1280,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         _err(name, str(exc))
         return EXIT_FAILURE
-    finally:
-        logging.getLogger("htmlgraph").removeHandler(handler)
     return status
