@@ -26,20 +26,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Protocol
 
+from _helpers import mp_context
 from htmlgraph import atomic_ops as lockmod
 from htmlgraph.atomic_ops import DirectoryLocker
-
-if sys.platform == "linux":
-
-    def mp_context() -> multiprocessing.context.ForkContext:
-        """Fork where it is the native, cheap choice (Linux)."""
-        return multiprocessing.get_context("fork")
-
-else:
-
-    def mp_context() -> multiprocessing.context.SpawnContext:
-        """Spawn where fork is not the native choice (macOS, Windows)."""
-        return multiprocessing.get_context("spawn")
 
 
 class Lock(Protocol):

@@ -16,8 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
@@ -304,17 +303,6 @@ def big_file_writer(target: str, size: int, values: list[int], chunk: int = 1 <<
                 n = min(chunk, remaining)
                 f.write(block[:n])
                 remaining -= n
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
 
 
 def cleaner_loop(directory: str, stop: Event, conn: Connection) -> None:

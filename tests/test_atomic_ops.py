@@ -28,7 +28,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _helpers import age, dead_pid
 from _writehelpers import (
     EXIT_OK,
     JOIN_TIMEOUT,
@@ -79,29 +79,6 @@ def as_path(request: pytest.FixtureRequest) -> PathKind:
     """Pass paths to the API as ``str`` or as ``Path``."""
     kind: PathKind = request.param
     return kind
-
-
-@pytest.fixture
-def umask() -> Iterator[Callable[[int], int]]:
-    """Let a test set the process umask; restore the original afterwards."""
-    original = os.umask(0o022)
-    os.umask(original)
-    yield os.umask
-    os.umask(original)
-
-
-def age_file(path: Path, hours: float) -> None:
-    """Back-date ``path``'s access and modification times by ``hours`` (no symlink follow)."""
-    then = time.time() - hours * 3600
-    os.utime(path, (then, then), follow_symlinks=False)
-
-
-def dead_pid() -> int:
-    """Return the pid of a process that has exited and been reaped."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait(timeout=60)
-    assert not _platform.pid_exists(proc.pid)
-    return proc.pid
 
 
 def orphan_name(pid: int, target: str = "data.json") -> str:
@@ -345,6 +322,50 @@ class TestAtomicRename:
         assert src.read_text(encoding="utf-8") == "stay"
         assert listing(tmp_path) == ["same.txt"]
 
+    @pytest.mark.parametrize("durable", [True, False])
+    def test_durable_flag(self, tmp_path: Path, durable: bool) -> None:
+        src, dst = tmp_path / "s", tmp_path / "d"
+        src.write_text("x", encoding="utf-8")
+        atomic_rename(src, dst, durable=durable)
+        assert listing(tmp_path) == ["d"]
+
+    def test_same_file_spelled_differently(self, tmp_path: Path) -> None:
+        (tmp_path / "sub").mkdir()
+        src = tmp_path / "sub" / "f.txt"
+        src.write_text("stay", encoding="utf-8")
+        with pytest.raises(ValueError, match="same"):
+            atomic_rename(src, tmp_path / "sub" / ".." / "sub" / "f.txt")
+        assert src.read_text(encoding="utf-8") == "stay"
+        assert listing(tmp_path / "sub") == ["f.txt"]
+
+    @posix_only
+    def test_hard_links_are_the_same_file(self, tmp_path: Path) -> None:
+        src = tmp_path / "a"
+        src.write_text("stay", encoding="utf-8")
+        os.link(src, tmp_path / "b")
+        with pytest.raises(ValueError, match="same"):
+            atomic_rename(src, tmp_path / "b")
+        assert listing(tmp_path) == ["a", "b"]
+
+    def test_moves_across_directories(self, tmp_path: Path) -> None:
+        (tmp_path / "x").mkdir()
+        src = tmp_path / "x" / "f"
+        src.write_text("moved", encoding="utf-8")
+        atomic_rename(src, tmp_path / "y" / "f")
+        assert listing(tmp_path / "x") == []
+        assert (tmp_path / "y" / "f").read_text(encoding="utf-8") == "moved"
+
+    @linux_only
+    def test_cross_device_is_exdev_and_changes_nothing(self, tmp_path: Path) -> None:
+        src = tmp_path / "s"
+        src.write_text("x", encoding="utf-8")
+        with tmpfs(tmp_path / "other", size="1m") as other:
+            with pytest.raises(OSError, match="cross-device") as info:
+                atomic_rename(src, other / "d")
+            assert info.value.errno == errno.EXDEV
+            assert listing(other) == []
+        assert src.read_text(encoding="utf-8") == "x"
+
 
 class TestSafeTempFile:
     def test_unique_paths(self, tmp_path: Path) -> None:
@@ -380,7 +401,7 @@ class TestCleanupOrphanedTempFiles:
         orphans = [tmp_path / orphan_name(pid, f"f{i}.json") for i in range(3)]
         for orphan in orphans:
             orphan.write_text("half a write", encoding="utf-8")
-            age_file(orphan, 48)
+            age(orphan, 48)
         (tmp_path / "keep.json").write_text("{}", encoding="utf-8")
         assert cleanup_orphaned_temp_files(tmp_path) == 3
         assert listing(tmp_path) == ["keep.json"]
@@ -392,7 +413,7 @@ class TestCleanupOrphanedTempFiles:
     def test_keeps_young_temp_files(self, tmp_path: Path) -> None:
         young = tmp_path / orphan_name(dead_pid())
         young.write_text("recent", encoding="utf-8")
-        age_file(young, 1)
+        age(young, 1)
         assert cleanup_orphaned_temp_files(tmp_path, age_hours=2) == 0
         assert listing(tmp_path) == [young.name]
         assert cleanup_orphaned_temp_files(tmp_path, age_hours=0.5) == 1
@@ -421,7 +442,7 @@ class TestCleanupOrphanedTempFiles:
         ]
         for name in seed_style + other:
             (tmp_path / name).write_text("old", encoding="utf-8")
-            age_file(tmp_path / name, 1000)
+            age(tmp_path / name, 1000)
         assert cleanup_orphaned_temp_files(tmp_path) == len(seed_style)
         assert listing(tmp_path) == sorted(other)
 
@@ -447,6 +468,54 @@ class TestValidateAtomicWrite:
         truncated = tmp_path / "cut.txt"
         truncated.write_bytes("ends mid-character: €".encode()[:-1])
         assert validate_atomic_write(truncated) is False
+
+    def test_empty_file_is_valid(self, tmp_path: Path) -> None:
+        (tmp_path / "e").write_bytes(b"")
+        assert validate_atomic_write(tmp_path / "e") is True
+
+    def test_large_valid_file_with_char_across_chunks(self, tmp_path: Path) -> None:
+        target = tmp_path / "big.txt"
+        # A 3-byte character straddles the 1 MiB mark.
+        target.write_bytes(b"a" * ((1 << 20) - 1) + "€".encode() + b"tail")
+        assert validate_atomic_write(target) is True
+
+    @posix_only
+    def test_symlinks(self, tmp_path: Path) -> None:
+        (tmp_path / "real").write_text("ok", encoding="utf-8")
+        (tmp_path / "good").symlink_to("real")
+        (tmp_path / "dangling").symlink_to("nothing")
+        assert validate_atomic_write(tmp_path / "good") is True
+        assert validate_atomic_write(tmp_path / "dangling") is False
+
+    @posix_only
+    def test_fifo_is_false_and_does_not_block(self, tmp_path: Path) -> None:
+        fifo = tmp_path / "pipe"
+        make_fifo(fifo)
+        code = "import sys\nfrom htmlgraph import validate_atomic_write\n"
+        code += "print(validate_atomic_write(sys.argv[1]))\n"
+        proc = run_python(code, str(fifo), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "False"
+
+    @needs_root
+    @posix_only
+    def test_unreadable_file_is_false(self) -> None:
+        with world_traversable_dir() as directory:
+            secret = directory / "secret.txt"
+            secret.write_text("root only", encoding="utf-8")
+            secret.chmod(0o600)
+            code = textwrap.dedent(
+                """
+                import os, sys
+                from htmlgraph import validate_atomic_write
+                os.setgroups([]); os.setgid(65534); os.setuid(65534)
+                print(validate_atomic_write(sys.argv[1]), validate_atomic_write(sys.argv[2]))
+                """
+            )
+            (directory / "public.txt").write_text("anyone", encoding="utf-8")
+            proc = run_python(code, str(secret), str(directory / "public.txt"))
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.split() == ["False", "True"]
 
 
 _CRASH_CHILD = textwrap.dedent(
@@ -507,7 +576,7 @@ class TestCrashSafety:
         (orphan,) = temp_names(tmp_path)
         # Young orphans are kept (age guard), old ones of dead writers removed.
         assert cleanup_orphaned_temp_files(tmp_path) == 0
-        age_file(tmp_path / orphan, 25)
+        age(tmp_path / orphan, 25)
         assert cleanup_orphaned_temp_files(tmp_path) == 1
         assert listing(tmp_path) == ["target.txt"]
         atomic_write(target, "after recovery")
@@ -662,7 +731,7 @@ class TestIntegration:
         pid = dead_pid()
         orphan = tmp_path / orphan_name(pid, "index.json")
         orphan.write_text('{"v": "half', encoding="utf-8")
-        age_file(orphan, 30)
+        age(orphan, 30)
         assert cleanup_orphaned_temp_files(tmp_path) == 1
         atomic_json_write(target, {"v": 2})
         assert cleanup_orphaned_temp_files(tmp_path) == 0
@@ -1658,7 +1727,7 @@ class TestCleanupSafety:
             match = TEMP_NAME_RE.match(temp)
             assert match is not None
             assert int(match["pid"]) == proc.pid
-            age_file(tmp_path / temp, 24 * 30)
+            age(tmp_path / temp, 24 * 30)
             assert cleanup_orphaned_temp_files(tmp_path, age_hours=1) == 0
             assert cleanup_orphaned_temp_files(tmp_path, age_hours=0) == 0
             assert temp_names(tmp_path) == [temp]
@@ -1680,7 +1749,7 @@ class TestCleanupSafety:
         # safe_temp_file's "{prefix}{pid}-{32 hex}" with the default prefix is ours too.
         name = safe_temp_file(tmp_path).name.replace(str(os.getpid()), str(dead_pid()), 1)
         (tmp_path / name).write_text("abandoned", encoding="utf-8")
-        age_file(tmp_path / name, 48)
+        age(tmp_path / name, 48)
         assert cleanup_orphaned_temp_files(tmp_path) == 1
         assert listing(tmp_path) == []
 
@@ -1688,7 +1757,7 @@ class TestCleanupSafety:
         names = [orphan_name(os.getpid()), orphan_name(os.getppid())]
         for name in names:
             (tmp_path / name).write_text("in progress", encoding="utf-8")
-            age_file(tmp_path / name, 100)
+            age(tmp_path / name, 100)
         assert cleanup_orphaned_temp_files(tmp_path, age_hours=1) == 0
         assert listing(tmp_path) == sorted(names)
 
@@ -1699,8 +1768,8 @@ class TestCleanupSafety:
         (d / "inside.txt").write_text("x", encoding="utf-8")
         nested = d / orphan_name(pid)
         nested.write_text("nested orphan", encoding="utf-8")
-        age_file(nested, 100)
-        age_file(d, 100)
+        age(nested, 100)
+        age(d, 100)
         assert cleanup_orphaned_temp_files(tmp_path) == 0
         assert listing(tmp_path) == [d.name]
         assert listing(d) == sorted(["inside.txt", nested.name])  # not recursive
@@ -1712,15 +1781,15 @@ class TestCleanupSafety:
         elsewhere.mkdir()
         victim = elsewhere / orphan_name(pid)
         victim.write_text("must survive", encoding="utf-8")
-        age_file(victim, 100)
+        age(victim, 100)
         scan = tmp_path / "scan"
         scan.mkdir()
         link = scan / orphan_name(pid)
         link.symlink_to(victim)
-        age_file(link, 100)
+        age(link, 100)
         dir_link = scan / orphan_name(pid, "dir")
         dir_link.symlink_to(elsewhere)
-        age_file(dir_link, 100)
+        age(dir_link, 100)
         assert cleanup_orphaned_temp_files(scan) == 0
         assert victim.read_text(encoding="utf-8") == "must survive"
         assert listing(scan) == sorted([link.name, dir_link.name])
@@ -1731,7 +1800,7 @@ class TestCleanupSafety:
     def test_fifo_named_like_a_temp_is_not_touched(self, tmp_path: Path) -> None:
         fifo = tmp_path / orphan_name(dead_pid())
         make_fifo(fifo)
-        age_file(fifo, 100)
+        age(fifo, 100)
         assert cleanup_orphaned_temp_files(tmp_path) == 0
         assert listing(tmp_path) == [fifo.name]
 
@@ -1740,7 +1809,7 @@ class TestCleanupSafety:
         names = [orphan_name(dead_pid(), f"f{i}") for i in range(4)]
         for name in names:
             (tmp_path / name).write_text("x", encoding="utf-8")
-            age_file(tmp_path / name, 100)
+            age(tmp_path / name, 100)
         checked: list[int] = []
         real_pid_exists = _platform.pid_exists
 
@@ -1763,7 +1832,7 @@ class TestCleanupSafety:
         names = [orphan_name(pid, f"f{i}") for i in range(3)]
         for name in names:
             (tmp_path / name).write_text("x", encoding="utf-8")
-            age_file(tmp_path / name, 100)
+            age(tmp_path / name, 100)
         real_scandir = os.scandir
         vanished: list[str] = []
 
@@ -1802,7 +1871,7 @@ class TestCleanupSafety:
         for i in range(count):
             path = tmp_path / orphan_name(pid, f"n{i}")
             path.write_bytes(b"")
-            age_file(path, 48)
+            age(path, 48)
         code = (
             "import sys\nfrom htmlgraph import cleanup_orphaned_temp_files\n"
             "print(cleanup_orphaned_temp_files(sys.argv[1]))\n"
@@ -1834,105 +1903,9 @@ class TestCleanupSafety:
         target = tmp_path / "t.txt"
         _crash_mid_write(target)
         (orphan,) = temp_names(tmp_path)
-        age_file(tmp_path / orphan, 100)
+        age(tmp_path / orphan, 100)
         assert cleanup_orphaned_temp_files(tmp_path, age_hours=99) == 1
         assert listing(tmp_path) == []
-
-
-class TestValidateMore:
-    def test_empty_file_is_valid(self, tmp_path: Path) -> None:
-        (tmp_path / "e").write_bytes(b"")
-        assert validate_atomic_write(tmp_path / "e") is True
-
-    def test_large_valid_file_with_char_across_chunks(self, tmp_path: Path) -> None:
-        target = tmp_path / "big.txt"
-        # A 3-byte character straddles the 1 MiB mark.
-        target.write_bytes(b"a" * ((1 << 20) - 1) + "€".encode() + b"tail")
-        assert validate_atomic_write(target) is True
-
-    @posix_only
-    def test_symlinks(self, tmp_path: Path) -> None:
-        (tmp_path / "real").write_text("ok", encoding="utf-8")
-        (tmp_path / "good").symlink_to("real")
-        (tmp_path / "dangling").symlink_to("nothing")
-        assert validate_atomic_write(tmp_path / "good") is True
-        assert validate_atomic_write(tmp_path / "dangling") is False
-
-    @posix_only
-    def test_fifo_is_false_and_does_not_block(self, tmp_path: Path) -> None:
-        fifo = tmp_path / "pipe"
-        make_fifo(fifo)
-        code = "import sys\nfrom htmlgraph import validate_atomic_write\n"
-        code += "print(validate_atomic_write(sys.argv[1]))\n"
-        proc = run_python(code, str(fifo), timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == "False"
-
-    @needs_root
-    @posix_only
-    def test_unreadable_file_is_false(self) -> None:
-        with world_traversable_dir() as directory:
-            secret = directory / "secret.txt"
-            secret.write_text("root only", encoding="utf-8")
-            secret.chmod(0o600)
-            code = textwrap.dedent(
-                """
-                import os, sys
-                from htmlgraph import validate_atomic_write
-                os.setgroups([]); os.setgid(65534); os.setuid(65534)
-                print(validate_atomic_write(sys.argv[1]), validate_atomic_write(sys.argv[2]))
-                """
-            )
-            (directory / "public.txt").write_text("anyone", encoding="utf-8")
-            proc = run_python(code, str(secret), str(directory / "public.txt"))
-            assert proc.returncode == 0, proc.stderr
-            assert proc.stdout.split() == ["False", "True"]
-
-
-class TestAtomicRenameMore:
-    @pytest.mark.parametrize("durable", [True, False])
-    def test_durable_flag(self, tmp_path: Path, durable: bool) -> None:
-        src, dst = tmp_path / "s", tmp_path / "d"
-        src.write_text("x", encoding="utf-8")
-        atomic_rename(src, dst, durable=durable)
-        assert listing(tmp_path) == ["d"]
-
-    def test_same_file_spelled_differently(self, tmp_path: Path) -> None:
-        (tmp_path / "sub").mkdir()
-        src = tmp_path / "sub" / "f.txt"
-        src.write_text("stay", encoding="utf-8")
-        with pytest.raises(ValueError, match="same"):
-            atomic_rename(src, tmp_path / "sub" / ".." / "sub" / "f.txt")
-        assert src.read_text(encoding="utf-8") == "stay"
-        assert listing(tmp_path / "sub") == ["f.txt"]
-
-    @posix_only
-    def test_hard_links_are_the_same_file(self, tmp_path: Path) -> None:
-        src = tmp_path / "a"
-        src.write_text("stay", encoding="utf-8")
-        os.link(src, tmp_path / "b")
-        with pytest.raises(ValueError, match="same"):
-            atomic_rename(src, tmp_path / "b")
-        assert listing(tmp_path) == ["a", "b"]
-
-    def test_moves_across_directories(self, tmp_path: Path) -> None:
-        (tmp_path / "x").mkdir()
-        src = tmp_path / "x" / "f"
-        src.write_text("moved", encoding="utf-8")
-        atomic_rename(src, tmp_path / "y" / "f")
-        assert listing(tmp_path / "x") == []
-        assert (tmp_path / "y" / "f").read_text(encoding="utf-8") == "moved"
-
-    @linux_only
-    def test_cross_device_is_exdev_and_changes_nothing(self, tmp_path: Path) -> None:
-        src = tmp_path / "s"
-        src.write_text("x", encoding="utf-8")
-        with tmpfs(tmp_path / "other", size="1m") as other:
-            with pytest.raises(OSError, match="cross-device") as info:
-                atomic_rename(src, other / "d")
-            assert info.value.errno == errno.EXDEV
-            assert listing(other) == []
-        assert src.read_text(encoding="utf-8") == "x"
 
 
 class TestBadInput:

@@ -18,13 +18,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import _clihelpers
 import htmlgraph
+from _helpers import wait_for
 from _lockhelpers import NaiveLock
 from _writehelpers import temp_name_for
 from htmlgraph import DirectoryLocker, _selfcheck, cli
@@ -90,14 +91,6 @@ def start_cli(*args: str, **kwargs: object) -> subprocess.Popen[bytes]:
 
 def listing(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def temps(directory: Path) -> list[str]:

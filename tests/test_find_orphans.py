@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from _helpers import dead_pid
 from _writehelpers import temp_name_for
 from htmlgraph import cleanup_orphaned_temp_files, find_orphaned_temp_files
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert proc.wait(timeout=30) == 0
-    return proc.pid
 
 
 def _old(path: Path, hours: float = 48.0) -> Path:
@@ -28,7 +21,7 @@ def _old(path: Path, hours: float = 48.0) -> Path:
 
 @pytest.fixture
 def scene(tmp_path: Path) -> tuple[Path, set[str]]:
-    dead = _dead_pid()
+    dead = dead_pid()
     orphan = tmp_path / temp_name_for(dead, "data.json")
     orphan.write_text("partial")
     _old(orphan)
@@ -81,7 +74,7 @@ def test_find_is_lazy_and_tolerates_missing_dirs(tmp_path: Path) -> None:
 def test_each_pid_is_asked_about_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from htmlgraph import _platform
 
-    dead = _dead_pid()
+    dead = dead_pid()
     for i in range(5):
         orphan = tmp_path / temp_name_for(dead, f"f{i}")
         orphan.write_text("x")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import age, dead_pid
 from _writehelpers import is_root, listing, run_python, temp_name_for, tmpfs, world_traversable_dir
 from htmlgraph import (
     AtomicFileWriter,
@@ -70,17 +71,6 @@ def sysctl() -> Iterator[object]:
     yield set_value
     for name, value in saved.items():
         (Path("/proc/sys/fs") / name).write_text(value)
-
-
-def _age(path: Path, hours: float) -> None:
-    past = time.time() - hours * 3600
-    os.utime(path, (past, past), follow_symlinks=False)
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert proc.wait(timeout=60) == 0
-    return proc.pid
 
 
 # --------------------------------------------------------------------------
@@ -350,7 +340,7 @@ def test_readers_never_block_on_a_fifo(tmp_path: Path) -> None:
 def test_cleanup_survives_odd_pids_in_names(tmp_path: Path, pid: str) -> None:
     odd = tmp_path / f".tmp-{pid}-{'0' * 16}-abcdefgh-x"
     odd.write_text("foreign", encoding="utf-8")
-    _age(odd, 48)
+    age(odd, 48)
     assert [p.name for p in find_orphaned_temp_files(tmp_path)] == [odd.name]
     assert cleanup_orphaned_temp_files(tmp_path) == 1  # foreign, old: goes, no crash
     assert listing(tmp_path) == []
@@ -368,14 +358,14 @@ def test_cleanup_rejects_an_age_that_disables_the_filter(tmp_path: Path, age: fl
 
 
 def test_temp_of_another_pid_namespace_is_never_judged(tmp_path: Path) -> None:
-    dead = _dead_pid()
+    dead = dead_pid()
     # The same pid, the same host, another pid namespace: its pid means nothing here.
     foreign = tmp_path / temp_name_for(dead, "x", tag="f" * 16)
     foreign.write_text("a writer elsewhere", encoding="utf-8")
     ours = tmp_path / temp_name_for(dead, "x")
     ours.write_text("a dead writer here", encoding="utf-8")
     for path in (foreign, ours):
-        _age(path, 1000)
+        age(path, 1000)
     assert cleanup_orphaned_temp_files(tmp_path, 0) == 1
     assert listing(tmp_path) == [foreign.name]
 
@@ -440,7 +430,7 @@ def test_cleanup_in_the_host_spares_a_live_writer_in_a_container(tmp_path: Path)
             assert line[0] == "ready", line
             ns_pid, temp = int(line[1]), Path(line[2])
             assert not os.path.exists(f"/proc/{ns_pid}"), "the writer's pid is free on the host"
-            _age(temp, 1000)  # a slow write: old by mtime
+            age(temp, 1000)  # a slow write: old by mtime
             assert temp.name not in [p.name for p in find_orphaned_temp_files(tmp_path, 1)]
             assert cleanup_orphaned_temp_files(tmp_path, 0) == 0
             assert temp.exists()
@@ -481,7 +471,7 @@ def test_a_strangers_old_file_does_not_stop_cleanup() -> None:
             path.write_text("orphan", encoding="utf-8")
             owner = ATTACKER if "stranger" in name else VICTIM
             os.chown(path, owner, owner)
-            _age(path, 48)
+            age(path, 48)
         proc = run_python(_CLEANUP_AS, str(sticky), str(VICTIM))
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
@@ -564,7 +554,7 @@ def test_seed_contract_safe_temp_file_is_hidden_and_known_to_cleanup(tmp_path: P
     custom = atomic_ops.safe_temp_file(tmp_path, prefix="custom")
     assert custom.name.startswith(".custom-")
     safe_temp_path.write_text("in use by this live process", encoding="utf-8")
-    _age(safe_temp_path, 1000)
+    age(safe_temp_path, 1000)
     assert cleanup_orphaned_temp_files(tmp_path, 0) == 0  # its writer (us) is alive
     assert listing(tmp_path) == [safe_temp_path.name]
 

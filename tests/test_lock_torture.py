@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import mp_context
 from _lockhelpers import (
     NaiveLock,
     continuous_reader,
     count_overlaps,
     hold_until_killed,
-    mp_context,
     run_torture,
     torture_worker,
 )

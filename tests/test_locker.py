@@ -17,20 +17,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import dead_pid, mp_context, wait_for
 from _lockhelpers import (
     acquire_once,
     contender,
     continuous_reader,
     hold_then_release,
     hold_until_killed,
-    mp_context,
 )
 from htmlgraph import _platform
 from htmlgraph import atomic_ops as lockmod
@@ -73,24 +73,6 @@ def plant(
         raw = json.dumps(record).encode()
     path.write_bytes(raw)
     return path
-
-
-def dead_pid() -> int:
-    """Return the pid of a process that has exited and been reaped."""
-    ctx = mp_context()
-    p = ctx.Process(target=time.sleep, args=(0,))
-    p.start()
-    p.join(30)
-    assert p.exitcode == 0
-    assert p.pid is not None
-    return p.pid
-
-
-def wait_for(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from _helpers import dead_pid
 from _writehelpers import temp_name_for
 from htmlgraph import _platform, atomic_ops, session_registry
 from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout, cleanup_orphaned_temp_files
@@ -202,16 +203,6 @@ def plant_record(
     return record
 
 
-def dead_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
-    proc = mp.Process(target=_exit_now)
-    proc.start()
-    proc.join(JOIN_TIMEOUT)
-    assert proc.exitcode == 0
-    assert proc.pid is not None
-    return proc.pid
-
-
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -219,10 +210,6 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 # --------------------------------------------------------------------------
 # Module-level process targets (picklable for any start method)
 # --------------------------------------------------------------------------
-def _exit_now() -> None:
-    return
-
-
 def _report_instance_id(conn: Connection) -> None:
     reg = SessionRegistry(Path.cwd())
     conn.send((os.getpid(), reg.get_instance_id(), reg.get_instance_id()))

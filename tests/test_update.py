@@ -276,7 +276,7 @@ def test_encoding_and_undecodable_text(tmp_path: Path) -> None:
 
 
 @posix_only
-@pytest.mark.usefixtures("umask_022")
+@pytest.mark.usefixtures("umask")
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o755])
 def test_permissions_are_kept(tmp_path: Path, mode: int) -> None:
     target = tmp_path / "state.json"

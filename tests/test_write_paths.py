@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ if sys.platform == "win32":
     pytest.skip("POSIX modes and umask", allow_module_level=True)
 
 BIG = atomic_ops._ENCODE_SLICE * 2 + 12345  # three slices, the last one partial
-
-
-@pytest.fixture
-def umask() -> Iterator[None]:
-    old = os.umask(0o022)
-    try:
-        yield None
-    finally:
-        os.umask(old)
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "latin-1"])
@@ -69,7 +59,7 @@ def test_unknown_codec_for_large_text_touches_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("existing", [0o644, 0o600, 0o666, 0o664, 0o4755])
 def test_existing_mode_is_set_with_one_fchmod(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: None, existing: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: object, existing: int
 ) -> None:
     # mkstemp creates the temp 0o600; one fchmod on the fd gives the final mode.
     target = tmp_path / "t"
