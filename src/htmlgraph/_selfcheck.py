@@ -38,6 +38,7 @@ import secrets
 import shutil
 import signal
 import stat
+import statistics
 import sys
 import threading
 import time
@@ -174,6 +175,25 @@ class Finding(NamedTuple):
         return "ok" if self.judged else ""
 
 
+class Latency(NamedTuple):
+    """Percentiles of one step's duration, in seconds."""
+
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Latency:
+        """Summarise ``samples`` (at least two)."""
+        cuts = statistics.quantiles(samples, n=100, method="inclusive")
+        return cls(cuts[49], cuts[89], cuts[98], max(samples))
+
+    def text(self) -> str:
+        """``0.61/0.93/1.20/1.31 ms``."""
+        return "/".join(f"{v * 1e3:.2f}" for v in self) + " ms"
+
+
 @dataclass
 class CheckReport:
     """What ``htmlgraph check`` measured; :meth:`violations` lists broken promises."""
@@ -198,6 +218,8 @@ class CheckReport:
     orphans_cleaned: int = 0
     leftovers: list[str] = field(default_factory=list)
     dir_fsync: str = "not tried"
+    latency: dict[str, Latency] = field(default_factory=dict)
+    """Seconds per step of a durable 4 KiB write here: fsync, directory fsync, rename."""
     errors: list[str] = field(default_factory=list)
 
     def findings(self) -> list[Finding]:
@@ -266,6 +288,10 @@ class CheckReport:
                 bool(self.leftovers),
                 f"files left behind after cleanup: {shown}{more}",
             ),
+            *(
+                Finding(f"{step} p50/p90/p99/max", lat.text(), judged=False)
+                for step, lat in self.latency.items()
+            ),
             Finding.judge(
                 "directory fsync supported",
                 self.dir_fsync,
@@ -291,6 +317,7 @@ class CheckReport:
     def as_dict(self) -> dict[str, object]:
         """Return the report as JSON-ready data, with ``ok`` and ``violations``."""
         data: dict[str, object] = asdict(self)
+        data["latency"] = {step: lat._asdict() for step, lat in self.latency.items()}
         data["ok"] = self.ok
         data["violations"] = self.violations()
         return data
@@ -696,14 +723,52 @@ def _phase_lock(run: _Run, report: CheckReport, locker: LockFactory, directory: 
 
 
 def _try_dir_fsync(directory: str) -> str:
+    """Whether this filesystem can fsync a directory (asked directly, not tolerated)."""
     if sys.platform == "win32":
         return "n/a (Windows)"
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        _platform.fsync_dir(directory)
+        os.fsync(fd)
     except OSError as exc:
         name = os.strerror(exc.errno) if exc.errno else str(exc)
         return f"failed ({name})"
+    finally:
+        os.close(fd)
     return "yes"
+
+
+_PROBE_WRITES = 40
+_PROBE_SIZE = 4096
+
+
+def _probe_latency(directory: str) -> dict[str, Latency]:
+    """Time the steps of durable 4 KiB replaces here: what a user's writes will cost.
+
+    The steps of a durable write, each timed on its own: fsync of the data,
+    the rename, fsync of the directory (where the platform has one).
+    """
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, "latency.bin")
+    data = os.urandom(_PROBE_SIZE)
+    steps: dict[str, list[float]] = {"fsync": [], "rename": [], "directory fsync": []}
+    for i in range(_PROBE_WRITES):
+        temp = os.path.join(directory, f".tmp-probe-{i}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            started = time.perf_counter()
+            _platform.fsync_file(fd)
+            steps["fsync"].append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+        started = time.perf_counter()
+        _platform.replace(temp, target)
+        steps["rename"].append(time.perf_counter() - started)
+        if sys.platform != "win32":
+            started = time.perf_counter()
+            _platform.fsync_dir(directory)
+            steps["directory fsync"].append(time.perf_counter() - started)
+    return {step: Latency.of(samples) for step, samples in steps.items() if samples}
 
 
 def _qualified_name(thing: object) -> str:
@@ -774,6 +839,7 @@ def run_check(
         run.done_before += _SHARE_LOCK
         run.report("directory fsync and cleanup", 0.0, 1.0 - run.done_before)
         report.dir_fsync = _try_dir_fsync(scratch)
+        report.latency = _probe_latency(os.path.join(scratch, "latency"))
         run.report("done", 1.0, 1.0 - run.done_before)
     finally:
         run.close()

@@ -52,7 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, AnyStr, Generic, Literal, NamedTuple, Union, cast, overload
 
-from htmlgraph import _identity, _platform
+from htmlgraph import _identity, _platform, metrics
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -117,6 +117,22 @@ _MAX_LINKS = 40  # symlinks followed in a row, as Linux's MAXSYMLINKS
 # The file object's buffer: json.dump and other streaming writers emit many
 # small pieces, and this sets how many write() calls they become.
 _BUFFER_SIZE = 128 * 1024
+
+# What writes did and cost (htmlgraph.metrics; docs/metrics.md).
+_WRITES = {
+    durable: metrics.counter("htmlgraph_writes_total", durable=str(durable).lower())
+    for durable in (True, False)
+}
+_WRITE_BYTES = metrics.counter("htmlgraph_write_bytes_total")
+_FSYNC_FILE = metrics.histogram("htmlgraph_fsync_seconds", target="file")
+_FSYNC_DIR = metrics.histogram("htmlgraph_fsync_seconds", target="directory")
+_RENAME = metrics.histogram("htmlgraph_rename_seconds")
+
+
+def _count_failure(exc: OSError) -> None:
+    name = errno.errorcode.get(exc.errno, "unknown") if exc.errno else "unknown"
+    metrics.counter("htmlgraph_write_failures_total", errno=name).inc()
+
 
 # Reads never block on a FIFO or device a stranger put there.
 _O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
@@ -304,14 +320,16 @@ def _sync_created_dirs(directory: str, created: list[str]) -> None:
             _fsync_dir(parent)
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """Write every byte of ``data`` to ``fd``: os.write may write less than asked."""
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """Write every byte of ``data`` to ``fd`` (os.write may write less); return the count."""
     view = memoryview(data).cast("B")
+    size = len(view)
     while view:
         written = os.write(fd, view)
         if written == 0:  # no progress and no error: do not spin
             raise OSError(errno.EIO, "write() wrote nothing")
         view = view[written:]
+    return size
 
 
 def _name_target(exc: OSError, target: str) -> None:
@@ -333,7 +351,16 @@ class _Staged:
     successful commit, so it is safe in any ``finally``.
     """
 
-    __slots__ = ("committed", "created_dirs", "directory", "fd", "overwrite", "target", "temp")
+    __slots__ = (
+        "committed",
+        "created_dirs",
+        "directory",
+        "fd",
+        "overwrite",
+        "size",
+        "target",
+        "temp",
+    )
 
     def __init__(
         self,
@@ -364,6 +391,7 @@ class _Staged:
         self.overwrite = overwrite
         self.committed = False
         self.created_dirs: list[str] = []
+        self.size = 0  # bytes written to the temp, for the metrics
         self.fd = -1
         self.temp = ""
         parent = directory
@@ -414,9 +442,12 @@ class _Staged:
         try:
             if durable:
                 # A failed fsync is final: never retried, never committed.
+                started = time.perf_counter()
                 _fsync(fd)
+                _FSYNC_FILE.observe(time.perf_counter() - started)
         finally:
             os.close(fd)
+        started = time.perf_counter()
         if self.overwrite:
             _replace(self.temp, self.target)
             self.committed = True
@@ -429,8 +460,13 @@ class _Staged:
                 os.unlink(self.temp)
             except OSError as exc:  # the target is in place; the extra name is an orphan
                 logger.warning("could not remove temp link %s: %s", self.temp, exc)
+        _RENAME.observe(time.perf_counter() - started)
         if durable:
+            started = time.perf_counter()
             _sync_created_dirs(self.directory, self.created_dirs)
+            _FSYNC_DIR.observe(time.perf_counter() - started)
+        _WRITES[durable].inc()
+        _WRITE_BYTES.inc(self.size)
 
     def discard(self) -> None:
         """Close and remove the temp file; idempotent, a no-op after commit."""
@@ -451,14 +487,16 @@ class _Staged:
 class _TempFileIO(io.FileIO):
     """The temp file's raw stream: a write error names the target (the fd has no name)."""
 
-    target = ""
+    staged: _Staged
 
     def write(self, data: Buffer, /) -> int:
         try:
-            return super().write(data)
+            written = super().write(data)
         except OSError as exc:
-            _name_target(exc, self.target)
+            _name_target(exc, self.staged.target)
             raise
+        self.staged.size += written
+        return written
 
 
 Chunk = bytes | bytearray | memoryview
@@ -502,13 +540,18 @@ def _write_chunks(
     temp_dir: str | None,
 ) -> None:
     """Write ``chunks`` to ``path`` all-or-nothing (arguments already checked)."""
-    staged = _Staged(path, temp_dir, overwrite=overwrite, permissions=permissions)
+    try:
+        staged = _Staged(path, temp_dir, overwrite=overwrite, permissions=permissions)
+    except OSError as exc:
+        _count_failure(exc)
+        raise
     try:
         for chunk in chunks:
-            _write_all(staged.fd, chunk)
+            staged.size += _write_all(staged.fd, chunk)
         staged.commit(durable=durable)
     except OSError as exc:
         _name_target(exc, staged.target)
+        _count_failure(exc)
         raise
     finally:
         staged.discard()  # no-op after a successful commit
@@ -746,12 +789,16 @@ class AtomicFileWriter(Generic[AnyStr]):
         if self._used:
             raise RuntimeError(f"AtomicFileWriter for {self._target} was already used")
         self._used = True
-        staged = _Staged(
-            self._target, self._temp_dir, overwrite=self.overwrite, permissions=self.permissions
-        )
+        try:
+            staged = _Staged(
+                self._target, self._temp_dir, overwrite=self.overwrite, permissions=self.permissions
+            )
+        except OSError as exc:
+            _count_failure(exc)
+            raise
         try:
             raw = _TempFileIO(staged.fd, "w", closefd=False)
-            raw.target = staged.target
+            raw.staged = staged
             buffered = io.BufferedWriter(raw, _BUFFER_SIZE)
             file: IO[bytes] | IO[str] = buffered
             if self.mode == "w":
@@ -782,6 +829,7 @@ class AtomicFileWriter(Generic[AnyStr]):
             staged.commit(durable=self.durable)
         except OSError as exc:
             _name_target(exc, staged.target)
+            _count_failure(exc)
             raise
         finally:
             staged.discard()  # no-op after a successful commit
@@ -808,6 +856,8 @@ class AtomicFileWriter(Generic[AnyStr]):
         if exc_type is None:
             self.commit()
         else:
+            if isinstance(exc, OSError):  # e.g. ENOSPC from f.write in the block
+                _count_failure(exc)
             self.rollback()
 
     def __repr__(self) -> str:
@@ -1019,6 +1069,8 @@ def _cleanup(base_dir: StrPath, age_hours: float) -> _CleanupResult:
             continue
         removed += 1
         logger.debug("removed orphaned temp file %s", orphan.path)
+    metrics.counter("htmlgraph_cleanup_removed_total").inc(removed)
+    metrics.counter("htmlgraph_cleanup_skipped_total").inc(skipped)
     if removed:
         logger.warning("removed %d orphaned temp file(s) from %s", removed, base_dir)
     if first_error is not None:
@@ -1141,6 +1193,19 @@ _O_MARKER_READ = (
     | getattr(os, "O_NONBLOCK", 0)
     | getattr(os, "O_BINARY", 0)
 )
+
+# What the lock did and cost (htmlgraph.metrics; docs/metrics.md).
+_MODES: tuple[LockMode, ...] = ("shared", "exclusive")
+_LOCK_ACQUIRED = {m: metrics.counter("htmlgraph_lock_acquisitions_total", mode=m) for m in _MODES}
+_LOCK_WAIT = {m: metrics.histogram("htmlgraph_lock_wait_seconds", mode=m) for m in _MODES}
+_LOCK_HOLD = {m: metrics.histogram("htmlgraph_lock_hold_seconds", mode=m) for m in _MODES}
+_LOCK_TIMEOUTS = {m: metrics.counter("htmlgraph_lock_timeouts_total", mode=m) for m in _MODES}
+StaleReason = Literal["gone", "unreadable", "not_a_marker", "pending"]
+
+
+def _count_stale(reason: StaleReason) -> None:
+    metrics.counter("htmlgraph_lock_stale_broken_total", reason=reason).inc()
+
 
 # Seams: the lock calls these by their module-level names, so tests can
 # slow it down, hide a marker or refuse a removal.
@@ -1356,6 +1421,7 @@ class DirectoryLocker:
         self._thread: int | None = None  # thread holding, or acquiring through, this instance
         self._mode: LockMode | None = None
         self._depth = 0
+        self._held_at = 0.0  # time.monotonic() when the hold began (metrics)
         # Every marker this instance may have on disk is recorded here before
         # the call that creates it, and forgotten only after it is removed, so
         # an interruption at any point leaves a record to finish the job with:
@@ -1436,6 +1502,7 @@ class DirectoryLocker:
                 self._depth -= 1
                 if self._depth > 0:
                     return
+                _LOCK_HOLD[self._mode].observe(time.monotonic() - self._held_at)
                 self._mode, self._depth = None, 0
             elif self._thread is not None and self._thread != threading.get_ident():
                 return  # another thread is acquiring through this instance
@@ -1489,6 +1556,7 @@ class DirectoryLocker:
 
     # -------------------------------------------------------------- acquire
     def _acquire(self, mode: LockMode, timeout: float) -> bool:
+        started = time.monotonic()
         deadline = _deadline(timeout)
         if os.getpid() != self.pid:  # inherited through a fork that bypassed the hook
             self._forget_after_fork()
@@ -1517,6 +1585,12 @@ class DirectoryLocker:
         try:
             self._clear_leftovers()
             held = self._run(mode, deadline)
+            if held:
+                self._held_at = time.monotonic()
+                _LOCK_ACQUIRED[mode].inc()
+                _LOCK_WAIT[mode].observe(self._held_at - started)
+            else:
+                _LOCK_TIMEOUTS[mode].inc()
         finally:
             if not held:
                 # Timeout or any exception (KeyboardInterrupt included) at any
@@ -1760,6 +1834,7 @@ class DirectoryLocker:
             if dead or now - first > _PENDING_GRACE:
                 with contextlib.suppress(OSError):
                     _unlink(self._in_dir + name)
+                    _count_stale("pending")
                     logger.warning("removed orphaned lock file %s", name)
                 del seen[name]
         self._pending_seen = seen
@@ -1790,7 +1865,7 @@ class DirectoryLocker:
         if owner is None:  # garbage: a regular file without a valid record
             if time.time() - seen.mtime <= _UNREADABLE_GRACE:
                 return True
-            self._break(name, "its record is unreadable and older than the grace period")
+            self._break(name, "unreadable", "its record is unreadable and older than the grace")
             return False
         now = time.monotonic()
         if now - seen.verified_at < _RECHECK_INTERVAL:
@@ -1801,7 +1876,7 @@ class DirectoryLocker:
                 return True
         state = _identity.owner_state(*owner)
         if state == "gone":
-            self._break(name, f"its process {owner.pid} is gone, a zombie, or reused")
+            self._break(name, "gone", f"its process {owner.pid} is gone, a zombie, or reused")
             return False
         seen.verified_at = now
         return True
@@ -1856,10 +1931,11 @@ class DirectoryLocker:
         except OSError as exc:
             logger.warning("ignoring %s, named like a lock marker (%s): %s", path, why, exc)
         else:
+            _count_stale("not_a_marker")
             logger.warning("removed %s, named like a lock marker but %s", path, why)
         return _Seen("gone")
 
-    def _break(self, name: str, why: str) -> None:
+    def _break(self, name: str, reason: StaleReason, why: str) -> None:
         """Remove a marker proven stale; from now on it never counts as held.
 
         Harmless if another scanner got there first: marker names are never
@@ -1876,6 +1952,7 @@ class DirectoryLocker:
             # Proven dead, so ignoring it is still safe; it just stays on disk.
             logger.warning("stale lock marker %s (%s) could not be removed: %s", path, why, exc)
             return
+        _count_stale(reason)
         logger.warning("broke stale lock marker %s: %s", path, why)
 
 

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar, cast
 
 from htmlgraph import __version__
 
@@ -1064,6 +1064,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list what would be removed; remove nothing"
     )
 
+    for measured in (write, lock, update, cleanup):
+        measured.add_argument(
+            "--stats",
+            action="store_true",
+            help="print to stderr what the command did and what it cost (htmlgraph.metrics)",
+        )
     validate = add(
         "validate",
         _cmd_validate,
@@ -1220,6 +1226,100 @@ def _logging_to_stderr(verbosity: int, quiet: Sequence[str] = ()) -> Iterator[No
         package_logger.setLevel(saved_level)
 
 
+@contextlib.contextmanager
+def _stats(command: str, wanted: bool) -> Iterator[None]:
+    """With ``--stats``: count from zero, and print what the command did on the way out."""
+    if not wanted:
+        yield
+        return
+    from htmlgraph import metrics
+
+    metrics.reset()
+    try:
+        yield
+    finally:
+        for line in stats_lines(metrics.snapshot()):
+            _err(command, f"stats: {line}")
+
+
+def _seconds(value: float) -> str:
+    if value >= 1:
+        return f"{value:.2f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.2f} ms"
+    return f"{value * 1e6:.0f} us"
+
+
+def stats_lines(snapshot: Mapping[str, object]) -> list[str]:
+    """Say in a few lines what a metrics snapshot holds (only what is not zero)."""
+    counters = cast("dict[str, list[dict[str, Any]]]", snapshot.get("counters", {}))
+    hists = cast("dict[str, list[dict[str, Any]]]", snapshot.get("histograms", {}))
+
+    def total(name: str, **match: str) -> float:
+        return float(
+            sum(
+                row["value"]
+                for row in counters.get(name, [])
+                if all(row["labels"].get(k) == v for k, v in match.items())
+            )
+        )
+
+    def timing(name: str, **match: str) -> str | None:
+        rows = [
+            row
+            for row in hists.get(name, [])
+            if row["count"] and all(row["labels"].get(k) == v for k, v in match.items())
+        ]
+        count = sum(row["count"] for row in rows)
+        if not count:
+            return None
+        spent = sum(row["sum"] for row in rows)
+        top = max(row["max"] for row in rows)
+        if count == 1:
+            return _seconds(spent)
+        return f"{count} x, {_seconds(spent)} in all, max {_seconds(top)}"
+
+    lines: list[str] = []
+    writes = total("htmlgraph_writes_total")
+    if writes:
+        durable = total("htmlgraph_writes_total", durable="true")
+        lines.append(
+            f"{writes:g} write(s) ({durable:g} durable), "
+            f"{total('htmlgraph_write_bytes_total'):g} bytes"
+        )
+    parts = [
+        f"{label} {text}"
+        for label, text in (
+            ("fsync file", timing("htmlgraph_fsync_seconds", target="file")),
+            ("fsync directory", timing("htmlgraph_fsync_seconds", target="directory")),
+            ("rename", timing("htmlgraph_rename_seconds")),
+        )
+        if text is not None
+    ]
+    if parts:
+        lines.append("; ".join(parts))
+    for row in counters.get("htmlgraph_write_failures_total", []):
+        if row["value"]:
+            lines.append(f"failed writes ({row['labels'].get('errno')}): {row['value']:g}")
+    for mode in ("shared", "exclusive"):
+        waited = timing("htmlgraph_lock_wait_seconds", mode=mode)
+        held = timing("htmlgraph_lock_hold_seconds", mode=mode)
+        timeouts = total("htmlgraph_lock_timeouts_total", mode=mode)
+        if waited or held or timeouts:
+            text = f"lock ({mode}): waited {waited or '-'}, held {held or '-'}"
+            lines.append(text + (f", {timeouts:g} timeout(s)" if timeouts else ""))
+    for row in counters.get("htmlgraph_lock_stale_broken_total", []):
+        if row["value"]:
+            lines.append(
+                f"stale lock files removed ({row['labels'].get('reason')}): {row['value']:g}"
+            )
+    removed = total("htmlgraph_cleanup_removed_total")
+    skipped = total("htmlgraph_cleanup_skipped_total")
+    if removed or skipped or "htmlgraph_cleanup_removed_total" in counters:
+        lines.append(f"cleanup removed {removed:g}, skipped {skipped:g}")
+    return lines or ["nothing measured"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``htmlgraph`` command line and return its exit status.
 
@@ -1251,7 +1351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name: str = args.command_name
     quiet: Sequence[str] = getattr(args, "quiet_loggers", ())
     try:
-        with _logging_to_stderr(args.verbose, quiet):
+        with _logging_to_stderr(args.verbose, quiet), _stats(name, getattr(args, "stats", False)):
             status: int = args.handler(args)
             sys.stdout.flush()  # here, so that a closed pipe is handled below
     except _ParserExit as exc:

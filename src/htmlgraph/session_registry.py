@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, NamedTuple, TypedDict, cast
 
-from htmlgraph import _identity, _platform
+from htmlgraph import _identity, _platform, metrics
 from htmlgraph.atomic_ops import (
     AtomicFileWriter,
     DirectoryLocker,
@@ -213,6 +213,10 @@ def _remove(path: Path) -> None:
     # _platform.unlink retries briefly on Windows, where a lock-free reader
     # holding the record open for a moment makes the delete fail.
     _platform.unlink(str(path))
+
+
+def _count(operation: str) -> None:
+    metrics.counter("htmlgraph_registry_operations_total", operation=operation).inc()
 
 
 def _own_start_token(pid: int) -> str | None:
@@ -746,6 +750,7 @@ class SessionRegistry:
                 session.
             LockTimeout: The registry lock was not acquired in time.
         """
+        _count("register")
         _check_id("session id", session_id)
         repo_data = _check_info("repo_info", repo_info)
         instance_data = _check_info("instance_info", instance_info)
@@ -828,6 +833,7 @@ class SessionRegistry:
         Raises:
             ValueError: ``instance_id`` is not a str or is unsafe as a file name.
         """
+        _count("read")
         _check_id("instance id", instance_id)
         return self._read_record_unlocked(instance_id)
 
@@ -842,6 +848,7 @@ class SessionRegistry:
         (:meth:`get_index` gives one consistent state). Returns ``[]`` when
         ``active/`` does not exist.
         """
+        _count("list")
         records = []
         for instance_id in sorted(self._active_names()):
             record = self._read_record_unlocked(instance_id)
@@ -867,6 +874,7 @@ class SessionRegistry:
         Raises:
             LockTimeout: The registry lock was not acquired in time.
         """
+        _count("index")
         return self._consistent_state().entries
 
     def find_session(self, session_id: str) -> SessionRecord | None:
@@ -879,6 +887,7 @@ class SessionRegistry:
             ValueError: ``session_id`` is not a str or is unsafe.
             LockTimeout: The registry lock was not acquired in time.
         """
+        _count("find")
         _check_id("session id", session_id)
         state = self._consistent_state()
         entry = state.entries.get(session_id)
@@ -900,6 +909,7 @@ class SessionRegistry:
             ValueError: ``instance_id`` is not a str or is unsafe as a file name.
             LockTimeout: The registry lock was not acquired in time.
         """
+        _count("update_activity")
         _check_id("instance id", instance_id)
         if not self._exists():
             return False
@@ -937,6 +947,7 @@ class SessionRegistry:
             ValueError: ``instance_id`` is not a str or is unsafe as a file name.
             LockTimeout: The registry lock was not acquired in time.
         """
+        _count("archive")
         _check_id("instance id", instance_id)
         if not self._exists():
             return False
@@ -974,6 +985,7 @@ class SessionRegistry:
             TypeError: ``max_idle`` is not a number or None.
             LockTimeout: The registry lock was not acquired in time.
         """
+        _count("reap")
         if max_idle is not None:
             if isinstance(max_idle, bool) or not isinstance(max_idle, (int, float)):
                 raise TypeError(f"max_idle must be a number of seconds or None, not {max_idle!r}")

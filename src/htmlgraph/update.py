@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, overload
 
+from htmlgraph import metrics
 from htmlgraph.atomic_ops import DirectoryLocker, atomic_json_write, atomic_write
 
 __all__ = ["LOCK_SUFFIX", "atomic_json_update", "atomic_update", "update_lock_dir"]
@@ -261,6 +262,11 @@ def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[s
 # --------------------------------------------------------------------------
 
 
+def _count(result: object) -> None:
+    outcome = "unchanged" if result is None else "written"
+    metrics.counter("htmlgraph_updates_total", result=outcome).inc()
+
+
 def _read(real: str) -> bytes | None:
     """Return the whole content of regular file ``real``, or None if it does not exist.
 
@@ -420,6 +426,7 @@ def atomic_update(
                 )
         if result is not None:
             atomic_write(real, result, encoding=encoding, durable=durable, permissions=permissions)
+        _count(result)
         return result
 
 
@@ -493,6 +500,7 @@ def atomic_json_update(
                 durable=durable,
                 permissions=permissions,
             )
+        _count(result)
         return result
 
 
