@@ -1,7 +1,7 @@
 """htmlgraph: share a directory between processes without corrupting or losing a file.
 
-Everything public lives in :mod:`htmlgraph.atomic_ops` and
-:mod:`htmlgraph.session_registry`; this module only re-exports it.
+Everything public lives in :mod:`htmlgraph.atomic_ops`,
+:mod:`htmlgraph.batch` and :mod:`htmlgraph.session_registry`; this module only re-exports it.
 """
 
 from htmlgraph.atomic_ops import (
@@ -16,10 +16,12 @@ from htmlgraph.atomic_ops import (
     safe_temp_file,
     validate_atomic_write,
 )
+from htmlgraph.batch import AtomicBatch, read_snapshot, recover
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicBatch",
     "AtomicFileWriter",
     "DirectoryLocker",
     "LockTimeout",
@@ -29,6 +31,8 @@ __all__ = [
     "atomic_write",
     "cleanup_orphaned_temp_files",
     "find_orphaned_temp_files",
+    "read_snapshot",
+    "recover",
     "safe_temp_file",
     "validate_atomic_write",
 ]
