@@ -1,0 +1,172 @@
+"""Batch child processes and the tree checks shared by the batch test suites.
+
+Module-level functions only: they run as ``forkserver`` children
+(:func:`crashlab.procs.start_process`) and must import cheaply.
+
+A *tree* is the dict ``relative path -> bytes`` of every file under a root,
+the library's hidden directory excluded. Every batch the suites commit is
+self-describing: each file it writes carries the batch's number, so a state
+that mixes two batches is visible without knowing which batch ran last.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from htmlgraph import batch as batch_mod
+from htmlgraph.batch import HIDDEN_DIR, AtomicBatch
+
+CRASH_EXIT = 77
+
+
+def tree(root: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file under ``root`` except the library's own, read plainly."""
+    found: dict[str, bytes] = {}
+    base = os.fspath(root)
+    for directory, dirnames, filenames in os.walk(base):
+        if directory == base and HIDDEN_DIR in dirnames:
+            dirnames.remove(HIDDEN_DIR)
+        for name in filenames:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, base).replace(os.sep, "/")] = Path(path).read_bytes()
+    return found
+
+
+def library_leftovers(root: str | os.PathLike[str]) -> list[str]:
+    """What the hidden directory holds besides the (empty) lock directory."""
+    hidden = Path(root) / HIDDEN_DIR
+    if not hidden.exists():
+        return []
+    left = [name for name in sorted(os.listdir(hidden)) if name != "lock"]
+    lock = hidden / "lock"
+    if lock.exists():
+        left += [f"lock/{name}" for name in sorted(os.listdir(lock))]
+    return left
+
+
+# -- a standard batch: writes an existing file, creates two (one in a new
+#    directory), deletes one; every step of the protocol is crossed.
+
+OLD_TREE = {
+    "index.json": b'{"v": "old"}\n',
+    "nodes/a.html": b"<p>old a</p>",
+    "nodes/gone.html": b"<p>to delete</p>",
+}
+NEW_TREE = {
+    "index.json": b'{\n  "v": "new"\n}\n',
+    "nodes/a.html": b"<p>new a</p>" * 500,
+    "nodes/b.html": b"<p>new b</p>",
+    "deep/er/c.bin": bytes(range(256)) * 64,
+}
+
+
+def make_old(root: str | os.PathLike[str]) -> None:
+    """Create :data:`OLD_TREE` under ``root``."""
+    for rel, data in OLD_TREE.items():
+        path = Path(root) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def run_standard_batch(root: str, *, durable: bool = True) -> None:
+    """Turn :data:`OLD_TREE` into :data:`NEW_TREE` in one batch."""
+    with AtomicBatch(root, durable=durable) as batch:
+        batch.write_json("index.json", {"v": "new"})
+        batch.write("nodes/a.html", NEW_TREE["nodes/a.html"].decode("ascii"))
+        batch.write("nodes/b.html", NEW_TREE["nodes/b.html"])
+        with batch.open("deep/er/c.bin") as f:
+            f.write(NEW_TREE["deep/er/c.bin"])
+        batch.delete("nodes/gone.html")
+
+
+def exit_at_step(k: int) -> None:
+    """Make the ``k``-th protocol step (1-based) kill this process like a crash."""
+    calls = [0]
+
+    def step(name: str) -> None:
+        calls[0] += 1
+        if calls[0] == k:
+            os._exit(CRASH_EXIT)  # no cleanup, no finally: a crash
+
+    batch_mod._step = step
+
+
+def crash_standard_batch(root: str, k: int) -> None:
+    """Child: run the standard batch and die at protocol step ``k``."""
+    exit_at_step(k)
+    run_standard_batch(root)
+
+
+def crash_recovery(root: str, k: int) -> None:
+    """Child: run :func:`htmlgraph.recover` and die at its step ``k``."""
+    exit_at_step(k)
+    batch_mod.recover(root)
+
+
+# -- the kill -9 loop: numbered batches over a fixed set of files.
+
+FILES = [f"d{i % 3}/f{i}.txt" for i in range(8)]
+
+
+def batch_payload(n: int, rel: str) -> bytes:
+    """The content batch ``n`` gives ``rel``: names the batch, sized to vary."""
+    return f"batch {n} {rel}\n".encode() * (1 + (n * 7 + len(rel)) % 300)
+
+
+def batch_number(data: bytes) -> int:
+    """Which batch wrote ``data`` (raises if it is not one complete payload)."""
+    first = data.split(b"\n", 1)[0].decode("ascii")
+    word, number, rel = first.split(" ")
+    n = int(number)
+    if word != "batch" or data != batch_payload(n, rel):
+        raise ValueError(f"torn or foreign content: {data[:60]!r}")
+    return n
+
+
+def batch_files(n: int) -> list[str]:
+    """The files batch ``n`` writes (the others it deletes): a varying subset."""
+    rng = random.Random(n)
+    return sorted(rng.sample(FILES, rng.randint(1, len(FILES))))
+
+
+def commit_forever(root: str, first: int, conn: Connection) -> None:
+    """Child: commit batches ``first``, ``first + 1``, ... until killed.
+
+    Batch ``n`` writes :func:`batch_files` ``(n)`` and deletes every other
+    file of :data:`FILES`. Reports each number on ``conn`` once ``commit``
+    returned (so the parent knows what must survive).
+    """
+    conn.send(("ready", first))
+    n = first
+    while True:
+        keep = batch_files(n)
+        with AtomicBatch(root) as batch:
+            for rel in keep:
+                batch.write(rel, batch_payload(n, rel))
+            for rel in FILES:
+                if rel not in keep:
+                    batch.delete(rel, missing_ok=True)
+        conn.send(("committed", n))
+        n += 1
+
+
+def snapshot_forever(root: str, deadline: float, conn: Connection) -> None:
+    """Child: take snapshots until ``deadline``; report any that mixes two batches."""
+    bad = 0
+    taken = 0
+    while time.time() < deadline:
+        try:
+            snap = batch_mod.read_snapshot(root, FILES, timeout=30)
+        except TimeoutError:
+            continue
+        taken += 1
+        numbers = {batch_number(data) for data in snap.values()}
+        if len(numbers) > 1 or (numbers and sorted(snap) != batch_files(numbers.pop())):
+            bad += 1
+            print(f"mixed snapshot: {sorted(snap)}", file=sys.stderr)
+    conn.send((taken, bad))
