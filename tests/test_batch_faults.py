@@ -44,7 +44,7 @@ from htmlgraph import recover
 _LAST_UNCOMMITTED = "staged-durable"
 
 
-def _record_steps(scratch: Path, action: Callable[[], None]) -> list[str]:
+def _record_steps(scratch: Path, action: Callable[[], object]) -> list[str]:
     names: list[str] = []
     saved = batch_mod._step
     batch_mod._step = names.append
@@ -157,7 +157,7 @@ def recovery_steps(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     proc = start_process(crash_standard_batch, str(scratch), 6)  # after the first rename
     proc.join(60)
     assert proc.exitcode == CRASH_EXIT
-    return _record_steps(scratch, lambda: recover(scratch) and None)
+    return _record_steps(scratch, lambda: recover(scratch))
 
 
 @pytest.mark.parametrize("j", range(1, 9))

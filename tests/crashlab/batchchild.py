@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 import sys
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -155,18 +154,22 @@ def commit_forever(root: str, first: int, conn: Connection) -> None:
         n += 1
 
 
-def snapshot_forever(root: str, deadline: float, conn: Connection) -> None:
-    """Child: take snapshots until ``deadline``; report any that mixes two batches."""
+def snapshot_forever(root: str, stop: str, conn: Connection) -> None:
+    """Child: take snapshots until the file ``stop`` exists; report (taken, bad).
+
+    A bad snapshot mixes two batches or has a file set no batch has; a torn
+    file makes :func:`batch_number` raise (the child then exits non-zero).
+    """
     bad = 0
     taken = 0
-    while time.time() < deadline:
+    while not os.path.exists(stop):
         try:
             snap = batch_mod.read_snapshot(root, FILES, timeout=30)
         except TimeoutError:
             continue
         taken += 1
         numbers = {batch_number(data) for data in snap.values()}
-        if len(numbers) > 1 or (numbers and sorted(snap) != batch_files(numbers.pop())):
+        if len(numbers) != 1 or sorted(snap) != batch_files(numbers.pop()):
             bad += 1
             print(f"mixed snapshot: {sorted(snap)}", file=sys.stderr)
     conn.send((taken, bad))
