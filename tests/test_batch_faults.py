@@ -36,8 +36,8 @@ from crashlab.batchchild import (
     tree,
 )
 from crashlab.procs import start_process
+from htmlgraph import AtomicBatch, recover
 from htmlgraph import batch as batch_mod
-from htmlgraph import recover
 
 # The last step at which the batch has not committed yet: the journal is
 # renamed into place right after it.
@@ -267,3 +267,45 @@ def test_a_failing_recovery_keeps_the_journal_for_next_time(
     assert recover(root).finished == 1
     assert tree(root) == NEW_TREE
     assert library_leftovers(root) == []
+
+
+@pytest.mark.skipif(batch_mod._libc_syncfs is None, reason="syncfs(2) is Linux-only")
+@pytest.mark.parametrize(("call", "committed"), [(1, False), (2, True)])
+def test_syncfs_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: int, committed: bool
+) -> None:
+    root = _root(tmp_path)
+    fault = Fault(batch_mod._syncfs, _eio(), {call})
+    monkeypatch.setattr(batch_mod, "_syncfs", fault)
+    batch = AtomicBatch(root, sync="syncfs")
+    batch.write("nodes/a.html", NEW_TREE["nodes/a.html"])
+    batch.write("nodes/b.html", NEW_TREE["nodes/b.html"])
+    with pytest.raises(OSError, match="Input/output error"):
+        batch.commit()
+    assert fault.raised == 1
+    expected = dict(OLD_TREE)
+    if committed:
+        expected.update({k: NEW_TREE[k] for k in ("nodes/a.html", "nodes/b.html")})
+    assert tree(root) == expected
+    assert library_leftovers(root) == []
+
+
+@pytest.mark.skipif(batch_mod._libc_syncfs is None, reason="syncfs(2) is Linux-only")
+def test_syncfs_mode_commits_with_two_syncfs_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _root(tmp_path)
+    spy = Fault(batch_mod._syncfs, _eio(), set())
+    file_fsync = Fault(batch_mod._fsync, _eio(), set())
+    monkeypatch.setattr(batch_mod, "_syncfs", spy)
+    monkeypatch.setattr(batch_mod, "_fsync", file_fsync)
+    with AtomicBatch(root, sync="syncfs") as b:
+        for rel in NEW_TREE:
+            b.write(rel, NEW_TREE[rel])
+        b.delete("nodes/gone.html")
+    assert tree(root) == NEW_TREE
+    assert spy.calls == 2  # R1 and R3; R2 is one directory fsync
+    assert file_fsync.calls == 0
+    assert library_leftovers(root) == []
+    with pytest.raises(ValueError, match="sync must be"):
+        AtomicBatch(root, sync="never")  # type: ignore[arg-type]

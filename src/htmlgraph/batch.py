@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import functools
 import io
@@ -49,13 +50,14 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal, NamedTuple, Union, overload
+from typing import IO, Literal, NamedTuple, Union, cast, overload
 
 from htmlgraph import _identity, _platform
 from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout
@@ -137,6 +139,36 @@ def _sync_dir(path: str) -> None:
     # _platform.fsync_dir already treats "not supported here" (EINVAL on some
     # FUSE and SMB mounts) as done, and is a no-op on Windows.
     _fsync_dir(path)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Return libc's ``syncfs`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+    return cast("Callable[[int], int]", func)
+
+
+_libc_syncfs = _load_syncfs()
+
+
+def _syncfs(fd: int) -> None:
+    """Flush the whole filesystem holding ``fd`` (syncfs(2)); raise OSError on failure.
+
+    sync(2): the same guarantees as fsync on every file of the filesystem.
+    It reports writeback errors since Linux 5.8, for errors after ``fd``
+    was opened - which is why a batch opens it when staging starts.
+    """
+    if _libc_syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+    if _libc_syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _sync_file_by_name(path: str) -> None:
@@ -657,6 +689,11 @@ class AtomicBatch:
         root: An existing directory; every path is relative to it.
         durable: fsync so that a returned commit survives a power cut.
         timeout: Seconds to wait for the root's lock at commit.
+        sync: How the data is made durable. ``"fsync"`` (default, portable):
+            each staged file and directory is fsynced, in parallel threads.
+            ``"syncfs"`` (Linux only): one syncfs(2) of root's filesystem
+            instead, several times faster for many files, but it also waits
+            for every other process's unwritten data on that filesystem.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -669,9 +706,20 @@ class AtomicBatch:
     """
 
     def __init__(
-        self, root: StrPath, *, durable: bool = True, timeout: float = _DEFAULT_TIMEOUT
+        self,
+        root: StrPath,
+        *,
+        durable: bool = True,
+        timeout: float = _DEFAULT_TIMEOUT,
+        sync: Literal["fsync", "syncfs"] = "fsync",
     ) -> None:
+        if sync not in ("fsync", "syncfs"):
+            raise ValueError(f"sync must be 'fsync' or 'syncfs', not {sync!r}")
+        if sync == "syncfs" and _libc_syncfs is None:
+            raise ValueError("sync='syncfs' needs Linux (syncfs(2))")
         self._root = _check_root(root)
+        self.sync = sync
+        self._sync_fd = -1
         self._given_root = os.fspath(root)
         self.durable = durable
         self.timeout = timeout
@@ -721,6 +769,9 @@ class AtomicBatch:
             self._txn = txn
             self._txn_dev = os.stat(txn).st_dev
             self._finalizer = weakref.finalize(self, _remove_tree, txn)
+            if self.sync == "syncfs" and self.durable:
+                # Opened now, so syncfs reports writeback errors from here on.
+                self._sync_fd = os.open(txn, _O_READ | getattr(os, "O_DIRECTORY", 0))
         return self._txn
 
     def _add(self, kind: Literal["write", "delete"], rel: StrPath) -> _Entry:
@@ -941,8 +992,14 @@ class AtomicBatch:
             if entry.stream is not None:
                 with contextlib.suppress(OSError):
                     entry.stream.close()
+        self._close_sync_fd()
         if self._finalizer is not None:
             self._finalizer()  # removes the staging directory
+
+    def _close_sync_fd(self) -> None:
+        if self._sync_fd >= 0:
+            fd, self._sync_fd = self._sync_fd, -1
+            os.close(fd)
 
     def commit(self) -> None:
         """Apply every operation, all or nothing; durable when it returns (``durable=True``).
@@ -979,6 +1036,7 @@ class AtomicBatch:
             self._commit_locked()
         finally:
             locker.release_lock()
+            self._close_sync_fd()
 
     def _commit_locked(self) -> None:
         txn = self._txn_dir()
@@ -1012,7 +1070,9 @@ class AtomicBatch:
                 while view:
                     view = view[os.write(fd, view) :]
                 _step("journal-written")
-                if self.durable:
+                if self.durable and self._sync_fd >= 0:
+                    _syncfs(self._sync_fd)  # R1, everything at once
+                elif self.durable:
                     # R1: the staged data, the journal's data, and the entries
                     # of both (txn in hidden, the files in txn), all at once.
                     calls: list[Callable[[], None]] = [
@@ -1039,7 +1099,9 @@ class AtomicBatch:
             _step("committed")
             dirs = self._apply(txn, ops)
             _step("applied")
-            if self.durable:
+            if self.durable and self._sync_fd >= 0:
+                _syncfs(self._sync_fd)  # R3
+            elif self.durable:
                 _run_parallel([functools.partial(_sync_dir, d) for d in sorted(dirs)])
             _step("synced")
             _remove_txn(txn)
