@@ -41,8 +41,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from htmlgraph import AtomicBatch, atomic_write  # noqa: E402
-from htmlgraph import batch as batch_mod  # noqa: E402
+from htmlgraph import AtomicBatch, atomic_write
+from htmlgraph import batch as batch_mod
 
 SIZE = 4096
 DIRS = 5
@@ -69,9 +69,9 @@ def _singles(root: Path, names: list[str], data: bytes) -> Callable[[], None]:
     return run
 
 
-def _batch(root: Path, names: list[str], data: bytes) -> Callable[[], None]:
+def _batch(root: Path, names: list[str], data: bytes, sync: str = "fsync") -> Callable[[], None]:
     def run() -> None:
-        with AtomicBatch(root) as batch:
+        with AtomicBatch(root, sync=sync) as batch:  # type: ignore[arg-type]
             for rel in names:
                 batch.write(rel, data)
 
@@ -90,27 +90,31 @@ def bench_dir(base: Path, rounds: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-batch-", dir=base))
     try:
         cases: dict[str, Callable[[], None]] = {}
+        data = b"n" * SIZE
         for n in (100, 1):
-            for kind, make in (("atomic_write", _singles), ("batch", _batch)):
-                root = work / f"{kind}-{n}"
-                root.mkdir()
-                names = _names(n)
-                _prepare(root, names)
-                cases[f"{n} x atomic_write" if kind == "atomic_write" else f"batch of {n}"] = make(
-                    root, names, b"n" * SIZE
-                )
+            names = _names(n)
+            roots = {}
+            for kind in ("atomic_write", "batch", "syncfs"):
+                roots[kind] = work / f"{kind}-{n}"
+                roots[kind].mkdir()
+                _prepare(roots[kind], names)
+            cases[f"{n} x atomic_write"] = _singles(roots["atomic_write"], names, data)
+            cases[f"batch of {n}"] = _batch(roots["batch"], names, data)
+            if batch_mod._libc_syncfs is not None:
+                cases[f"syncfs batch of {n}"] = _batch(roots["syncfs"], names, data, "syncfs")
         for fn in cases.values():  # warm up: directories, lock dir, pool threads
             fn()
         for _ in range(rounds):
             for name, fn in cases.items():
                 results.setdefault(name, []).append(_timed(fn))
         results["window"] = _window(work / "batch-100", rounds)
+        results["window syncfs"] = _window(work / "syncfs-100", rounds, "syncfs")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {name: statistics.median(values) for name, values in results.items()}
 
 
-def _window(root: Path, rounds: int) -> list[float]:
+def _window(root: Path, rounds: int, sync: str = "fsync") -> list[float]:
     """Seconds from the first rename of a 100-file batch to its last."""
     marks: dict[str, float] = {}
 
@@ -122,7 +126,7 @@ def _window(root: Path, rounds: int) -> list[float]:
     saved = batch_mod._step
     batch_mod._step = step
     try:
-        run = _batch(root, _names(100), b"w" * SIZE)
+        run = _batch(root, _names(100), b"w" * SIZE, sync)
         for _ in range(rounds):
             run()
             windows.append(marks["applied"] - marks["committed"])
@@ -181,12 +185,21 @@ def loop_mount(fstype: str, backing_dir: Path) -> Iterator[Path]:
 
 
 def _row(label: str, m: dict[str, float]) -> str:
-    ratio100 = m["100 x atomic_write"] / m["batch of 100"]
-    ratio1 = m["batch of 1"] / m["1 x atomic_write"]
+    def ms(name: str) -> str:
+        return f"{m[name] * 1e3:.1f} ms" if name in m else "-"
+
+    def speedup(name: str) -> str:
+        return f"**{m['100 x atomic_write'] / m[name]:.1f}x**" if name in m else "-"
+
+    def slowdown(name: str) -> str:
+        return f"{m[name] / m['1 x atomic_write']:.2f}x" if name in m else "-"
+
     return (
-        f"| {label} | {m['100 x atomic_write'] * 1e3:.1f} ms | {m['batch of 100'] * 1e3:.1f} ms "
-        f"| **{ratio100:.1f}x** | {m['1 x atomic_write'] * 1e3:.2f} ms | "
-        f"{m['batch of 1'] * 1e3:.2f} ms | {ratio1:.2f}x | {m['window'] * 1e3:.2f} ms |"
+        f"| {label} | {ms('100 x atomic_write')} | {ms('batch of 100')} "
+        f"| {speedup('batch of 100')} | {ms('syncfs batch of 100')} "
+        f"| {speedup('syncfs batch of 100')} | {ms('1 x atomic_write')} | {ms('batch of 1')} "
+        f"({slowdown('batch of 1')}) | {ms('syncfs batch of 1')} ({slowdown('syncfs batch of 1')}) "
+        f"| {ms('window')} / {ms('window syncfs')} |"
     )
 
 
@@ -205,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             (f"{fstype} on loop (image in {args.dir})", lambda t=fstype: loop_mount(t, args.dir))
         )
     print(
-        "| filesystem | 100 x atomic_write | batch of 100 (all fsyncs) | speed-up "
-        "| 1 x atomic_write | batch of 1 | batch/single | half-applied window (100) |"
+        "| filesystem | 100 x atomic_write | batch of 100 | speed-up | syncfs batch of 100 "
+        "| speed-up | 1 x atomic_write | batch of 1 (ratio) | syncfs batch of 1 (ratio) "
+        "| half-applied window, 100 files (fsync / syncfs) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, make in targets:
         with make() as base:
             print(_row(label, bench_dir(base, args.rounds)), flush=True)

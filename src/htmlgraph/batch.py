@@ -247,17 +247,30 @@ class _Target(NamedTuple):
     nearest_dir: str  # the nearest directory that exists on the way to it
 
 
-def _resolve(real_root: str, given: str, parts: list[str], *, follow: bool) -> _Target:
+def _resolve(
+    real_root: str,
+    given: str,
+    parts: list[str],
+    *,
+    follow: bool,
+    parents: dict[str, str] | None = None,
+) -> _Target:
     """Resolve a checked batch path under ``real_root``; refuse escapes and directories.
 
     Every directory on the way is resolved (symlinks followed); the path must
     stay inside the root and out of the hidden directory. ``follow``: a
     symlink as the last component is written through (writes) or removed
-    itself (deletes).
+    itself (deletes). ``parents`` caches resolved parent directories (realpath
+    costs one lstat per component: ten per file, without it, in a batch).
     """
-    parent = os.path.realpath(os.path.join(real_root, *parts[:-1]))
-    if parent != real_root and not _inside(parent, real_root):
-        raise ValueError(f"batch path leaves the root through a symlink: {given!r}")
+    key = "/".join(parts[:-1])
+    parent = parents.get(key) if parents is not None else None
+    if parent is None:
+        parent = os.path.realpath(os.path.join(real_root, *parts[:-1]))
+        if parent != real_root and not _inside(parent, real_root):
+            raise ValueError(f"batch path leaves the root through a symlink: {given!r}")
+        if parents is not None and os.path.isdir(parent):
+            parents[key] = parent
     path = os.path.join(parent, parts[-1])
     try:
         st: os.stat_result | None = os.lstat(path)
@@ -729,6 +742,8 @@ class AtomicBatch:
         self._txn: str | None = None
         self._txn_dev = -1
         self._staged_count = 0
+        self._parents: dict[str, str] = {}  # resolved parent directories
+        self._devices: dict[str, int] = {}  # st_dev of the directories seen
         self._state: Literal["open", "committed", "discarded"] = "open"
         self._finalizer: weakref.finalize[[str], AtomicBatch] | None = None
 
@@ -779,7 +794,7 @@ class AtomicBatch:
         self._check_open()
         parts = _split_rel(rel)
         given = os.fspath(rel)
-        target = _resolve(self._root, given, parts, follow=kind == "write")
+        target = _resolve(self._root, given, parts, follow=kind == "write", parents=self._parents)
         if target.rel in self._by_rel:
             raise ValueError(f"path appears twice in one batch: {given!r}")
         if target.rel in self._dirs_of:
@@ -791,7 +806,10 @@ class AtomicBatch:
                 raise ValueError(f"path lies under {ancestor!r}, a file in this batch: {given!r}")
         if kind == "write":
             self._txn_dir()
-            if os.stat(target.nearest_dir).st_dev != self._txn_dev:
+            dev = self._devices.get(target.nearest_dir)
+            if dev is None:
+                dev = self._devices[target.nearest_dir] = os.stat(target.nearest_dir).st_dev
+            if dev != self._txn_dev:
                 # Staged files are renamed into place: one filesystem per root.
                 raise OSError(errno.EXDEV, "batch path is on another filesystem than root", given)
         return _Entry(kind, given, target, None)
@@ -1130,8 +1148,9 @@ class AtomicBatch:
             if op.kind == "write":
                 if op.staged is None:
                     continue  # every write is staged
-                for made in _make_dirs(directory):
-                    dirs.add(os.path.dirname(made))
+                if directory not in dirs:  # not yet known to exist
+                    for made in _make_dirs(directory):
+                        dirs.add(os.path.dirname(made))
                 _replace(os.path.join(txn, op.staged), target)
             else:
                 with contextlib.suppress(FileNotFoundError):

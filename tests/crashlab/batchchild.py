@@ -173,3 +173,82 @@ def snapshot_forever(root: str, stop: str, conn: Connection) -> None:
             bad += 1
             print(f"mixed snapshot: {sorted(snap)}", file=sys.stderr)
     conn.send((taken, bad))
+
+
+# -- the power-cut child: pause at one protocol step, optionally as a mutant.
+
+MUTANTS = ("no-staged-fsync", "no-journal-fsync", "no-dir-fsync", "rename-before-commit")
+
+
+def _mutate(mutant: str) -> None:
+    """Break the protocol in one way (each must fail at least one power-cut case)."""
+    if mutant == "no-staged-fsync":  # the journal commits before the data is durable
+        batch_mod._sync_file_by_name = lambda path: None
+    elif mutant == "no-journal-fsync":  # the journal is renamed before its own data is durable
+        batch_mod._fsync = lambda fd: None  # the journal's fd
+        batch_mod._sync_file_by_name = _fsync_by_name  # staged files are still synced
+    elif mutant == "no-dir-fsync":
+        batch_mod._fsync_dir = lambda path: None
+    elif mutant not in ("none", "rename-before-commit"):
+        raise ValueError(mutant)
+
+
+def _fsync_by_name(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pause_main(argv: list[str]) -> None:
+    """``python -m crashlab.batchchild ROOT MODE K MUTANT``: run, pause at step K.
+
+    MODE ``commit`` runs the standard batch, ``recover`` runs recover(). At
+    the K-th protocol step (K = 0: after the call returned) the child prints
+    ``at NAME`` and waits for a line on stdin before it goes on. MODE
+    ``crash`` runs the standard batch and exits at step K (no pause).
+    """
+    root, mode, k_text, mutant = argv
+    k = int(k_text)
+    _mutate(mutant)
+    calls = [0]
+
+    def pause(name: str) -> None:
+        print(f"at {name}", flush=True)
+        sys.stdin.readline()
+
+    def step(name: str) -> None:
+        calls[0] += 1
+        if mutant == "rename-before-commit" and name == "journal-written":
+            # Apply the first write before the commit record exists.
+            txn = next(p for p in (Path(root) / HIDDEN_DIR).iterdir() if p.name.startswith("txn-"))
+            os.replace(txn / "0", Path(root) / "index.json")
+            batch_mod._replace = _replace_unless_gone
+            batch_mod._sync_file_by_name = _fsync_unless_gone
+        if calls[0] == k:
+            if mode == "crash":
+                os._exit(CRASH_EXIT)
+            pause(name)
+
+    batch_mod._step = step
+    if mode == "recover":
+        batch_mod.recover(root)
+    else:
+        run_standard_batch(root)
+    if k == 0:
+        pause("returned")
+
+
+def _fsync_unless_gone(path: str) -> None:
+    if os.path.exists(path):
+        _fsync_by_name(path)
+
+
+def _replace_unless_gone(src: str, dst: str) -> None:
+    if os.path.exists(src):
+        os.replace(src, dst)
+
+
+if __name__ == "__main__":
+    pause_main(sys.argv[1:])
