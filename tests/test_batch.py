@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -576,3 +577,46 @@ def test_cli_batch_without_delete_keeps_other_files(root: Path, tmp_path: Path) 
     (src / "index.json").write_text(json.dumps({"v": 2}))
     assert cli.main(["batch", str(root), str(src)]) == 0
     assert tree(root) == {**OLD_TREE, "index.json": b'{"v": 2}'}
+
+
+@pytest.mark.parametrize(
+    "rel", ["../outside.txt", "/etc/passwd", "a/../../x", f"{HIDDEN_DIR}/lock/x", "a//b", ""]
+)
+def test_a_planted_journal_cannot_reach_outside_root(root: Path, tmp_path: Path, rel: str) -> None:
+    (tmp_path / "outside.txt").write_text("outside")
+    make_old(root)
+    txn = root / HIDDEN_DIR / "txn-1-0000000000000000-00"
+    txn.mkdir(parents=True)
+    body = json.dumps(
+        {"format": "htmlgraph-batch 1", "start_ns": 0, "ops": [["delete", rel, None, None]]},
+        separators=(",", ":"),
+    ).encode()
+    (txn / "journal").write_bytes(body + b"\n" + f"{zlib.crc32(body):08x}\n".encode())
+    assert recover(root).discarded == 1
+    assert (tmp_path / "outside.txt").read_text() == "outside"
+    assert tree(root) == OLD_TREE
+    assert library_leftovers(root) == []
+
+
+@posix_only
+def test_odd_but_legal_names_survive_recovery(root: Path) -> None:
+    names = ["back\\slash.txt", "sp ace/ü.html", "new\nline", "\udcff-undecodable"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+    saved = batch_mod._step
+
+    def stop_after_commit(name: str) -> None:
+        if name == "committed":
+            raise SystemExit("crash")
+
+    batch = AtomicBatch(root)
+    for name in names:
+        batch.write(name, name.encode("utf-8", "surrogateescape"))
+    batch_mod._step = stop_after_commit
+    try:
+        with pytest.raises(SystemExit):
+            batch.commit()  # the journal is read back from disk to finish
+    finally:
+        batch_mod._step = saved
+    assert recover(root) == RecoveryReport()  # the commit finished it on the spot
+    assert tree(root) == {name: name.encode("utf-8", "surrogateescape") for name in names}

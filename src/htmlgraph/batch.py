@@ -399,11 +399,27 @@ def _decode_journal(data: bytes) -> tuple[int, list[_Op]] | None:
     except (ValueError, KeyError, TypeError):
         return None
     for op in ops:
-        if op.kind not in ("write", "delete") or not isinstance(op.rel, str):
+        if op.kind not in ("write", "delete") or not _journal_rel_ok(op.rel):
             return None
         if op.kind == "write" and not (isinstance(op.staged, str) and op.staged.isdigit()):
             return None
     return start_ns, ops
+
+
+def _journal_rel_ok(rel: object) -> bool:
+    """A journaled path must stay under root and out of the hidden directory.
+
+    The journal is data on disk: a damaged or planted one must not make
+    recovery rename or delete anything elsewhere.
+    """
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        return False
+    if _platform.IS_WINDOWS and "\\" in rel:
+        return False
+    parts = rel.split("/")
+    if os.path.isabs(rel) or os.path.splitdrive(rel)[0] or parts[0] == HIDDEN_DIR:
+        return False
+    return all(part not in ("", ".", "..") for part in parts)
 
 
 # --------------------------------------------------------------------------
