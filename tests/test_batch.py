@@ -620,3 +620,11 @@ def test_odd_but_legal_names_survive_recovery(root: Path) -> None:
         batch_mod._step = saved
     assert recover(root) == RecoveryReport()  # the commit finished it on the spot
     assert tree(root) == {name: name.encode("utf-8", "surrogateescape") for name in names}
+
+
+@pytest.mark.parametrize("name", [n for n in batch_mod.__all__ if n != "HIDDEN_DIR"])
+def test_every_public_name_is_documented(name: str) -> None:
+    doc = getattr(batch_mod, name).__doc__
+    assert doc
+    assert doc.strip().splitlines()[0].endswith(".")
+    assert name in htmlgraph.__all__ or name == "RecoveryReport"

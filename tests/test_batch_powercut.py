@@ -214,7 +214,7 @@ def _table(found: dict[Row, collections.Counter[str]]) -> str:
             if not counter:
                 cells.append("-")
                 continue
-            label = ", ".join(sorted(counter))
+            label = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(counter.items()))
             if set(counter) - _allowed(mode, step):
                 label = f"**{label}**"
             cells.append(label)

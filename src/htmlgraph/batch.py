@@ -235,7 +235,13 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _rel_of(path: str, root: str) -> str:
-    return os.path.relpath(path, root).replace(os.sep, "/")
+    """``path`` relative to ``root`` (which contains it), "/"-separated."""
+    prefix = os.path.join(root, "")
+    if path.startswith(prefix):  # the usual case: no relpath (it normalises both)
+        rel = path[len(prefix) :]
+    else:
+        rel = os.path.relpath(path, root)
+    return rel.replace(os.sep, "/") if os.sep != "/" else rel
 
 
 class _Target(NamedTuple):
