@@ -237,10 +237,8 @@ def _inside(path: str, root: str) -> bool:
 def _rel_of(path: str, root: str) -> str:
     """``path`` relative to ``root`` (which contains it), "/"-separated."""
     prefix = os.path.join(root, "")
-    if path.startswith(prefix):  # the usual case: no relpath (it normalises both)
-        rel = path[len(prefix) :]
-    else:
-        rel = os.path.relpath(path, root)
+    # The usual case needs no relpath (which normalises both paths again).
+    rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
     return rel.replace(os.sep, "/") if os.sep != "/" else rel
 
 
