@@ -25,7 +25,8 @@ from htmlgraph import AtomicFileWriter, _identity, _platform, atomic_json_write,
 
 # ".tmp-{pid}-{owner tag}-{mkstemp random}-{target name, truncated}" (our temp names).
 TEMP_NAME_RE = re.compile(
-    r"^\.tmp-(?P<pid>[0-9]+)-(?P<tag>[0-9a-f]{16})-(?P<random>[a-z0-9_]{8})-(?P<stem>.*)\Z", re.S
+    r"^\.tmp-(?P<pid>[0-9]+)-(?P<tag>[0-9a-f]{16})-(?P<random>[0-9a-f]{8}[a-z0-9_]{8})-(?P<stem>.*)\Z",
+    re.S,
 )
 
 
@@ -38,7 +39,7 @@ def temp_name_for(pid: int, target: str = "data.json", *, tag: str | None = None
     if tag is None:
         start = _platform.process_start_token(pid) or ""
         tag = _identity._place_tag() + _identity._digest8(start)
-    return f".tmp-{pid}-{tag}-{os.urandom(4).hex()}-{target}"
+    return f".tmp-{pid}-{tag}-{os.urandom(4).hex()}k3j_x9a2-{target}"
 
 
 # Exit codes used by child processes to report what happened.

@@ -30,6 +30,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1051,6 +1052,34 @@ class TestNoLeftovers:
         assert not target.exists()
         assert temp_names(target.parent) == []
 
+    @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+    def test_interrupt_as_mkstemp_returns_leaves_no_temp(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+    ) -> None:
+        # The signal lands after mkstemp created the file, before its name
+        # reached the writer: the file is found by the call's own prefix.
+        target = tmp_path / "t.txt"
+        if existing:
+            target.write_text("old", encoding="utf-8")
+        real = tempfile.mkstemp
+        made: list[str] = []
+
+        def created_then_interrupted(*args: Any, **kwargs: Any) -> tuple[int, str]:
+            fd, path = real(*args, **kwargs)
+            made.append(path)
+            os.close(fd)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(tempfile, "mkstemp", created_then_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(target, "new")
+        with pytest.raises(KeyboardInterrupt), AtomicFileWriter(target) as f:
+            f.write("new")
+        assert len(made) == 2
+        assert listing(tmp_path) == (["t.txt"] if existing else [])
+        if existing:
+            assert target.read_text(encoding="utf-8") == "old"
+
     @posix_only
     @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
     def test_real_sigint_mid_write(self, tmp_path: Path, existing: bool) -> None:
@@ -1059,7 +1088,8 @@ class TestNoLeftovers:
             target.write_text("old", encoding="utf-8")
         code = textwrap.dedent(
             """
-            import sys, time
+            import signal, sys, time
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # even under nohup
             from htmlgraph import AtomicFileWriter
             try:
                 with AtomicFileWriter(sys.argv[1]) as f:

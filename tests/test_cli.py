@@ -900,7 +900,7 @@ def test_validate_reasons_for_what_is_not_a_file(tmp_path: Path) -> None:
         (fifo, "is not a regular file"),
         (tmp_path, "is a directory"),
         (dangling, "does not exist"),
-        (under_a_file, "cannot stat: Not a directory"),
+        (under_a_file, "cannot open: Not a directory"),
     ):
         assert invalid_reason(str(path)) == reason
         assert validate_atomic_write(path) is False

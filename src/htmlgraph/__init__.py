@@ -1,8 +1,9 @@
 """htmlgraph: share a directory between processes without corrupting or losing a file.
 
 Everything public lives in :mod:`htmlgraph.atomic_ops`,
-:mod:`htmlgraph.update` (read-modify-write) and
-:mod:`htmlgraph.session_registry`; this module only re-exports it.
+:mod:`htmlgraph.update` (read-modify-write), :mod:`htmlgraph.batch` (many files
+all or nothing) and :mod:`htmlgraph.session_registry`; :mod:`htmlgraph.metrics`
+counts what they did. This module only re-exports them.
 """
 
 from htmlgraph.atomic_ops import (
@@ -17,11 +18,13 @@ from htmlgraph.atomic_ops import (
     safe_temp_file,
     validate_atomic_write,
 )
+from htmlgraph.batch import AtomicBatch, read_snapshot, recover
 from htmlgraph.update import atomic_json_update, atomic_update
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicBatch",
     "AtomicFileWriter",
     "DirectoryLocker",
     "LockTimeout",
@@ -33,6 +36,8 @@ __all__ = [
     "atomic_write",
     "cleanup_orphaned_temp_files",
     "find_orphaned_temp_files",
+    "read_snapshot",
+    "recover",
     "safe_temp_file",
     "validate_atomic_write",
 ]

@@ -25,6 +25,7 @@ the GitHub jobs of those systems.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import socket
@@ -34,8 +35,10 @@ import threading
 import time
 from collections.abc import Callable
 from functools import lru_cache
+from typing import cast
 
 __all__ = [
+    "HAS_SYNCFS",
     "PID_MAX",
     "absolute",
     "after_fork",
@@ -53,6 +56,7 @@ __all__ = [
     "replace",
     "set_mode",
     "start_token_seconds",
+    "syncfs",
     "umask",
     "unlink",
 ]
@@ -213,6 +217,12 @@ if sys.platform == "win32":
     def pid_namespace() -> str | None:
         """Return None: Windows has no pid namespaces."""
         return None
+
+    HAS_SYNCFS = False
+
+    def syncfs(fd: int) -> None:
+        """Raise ENOSYS: Windows has no syncfs."""
+        raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
 
 else:
     import fcntl
@@ -459,6 +469,31 @@ else:
                 return False  # EMFILE and the like: a problem of ours, not proof
             return all(_dead(_read(f"/proc/{pid}/task/{task}/stat")) for task in tasks)
 
+        def _load_syncfs() -> Callable[[int], int] | None:
+            try:
+                func = ctypes.CDLL(None, use_errno=True).syncfs
+            except (OSError, AttributeError):
+                return None
+            func.argtypes = [ctypes.c_int]
+            func.restype = ctypes.c_int
+            return cast("Callable[[int], int]", func)
+
+        _libc_syncfs = _load_syncfs()
+        HAS_SYNCFS = _libc_syncfs is not None
+
+        def syncfs(fd: int) -> None:
+            """Flush the whole filesystem holding ``fd`` (syncfs(2)); raise OSError on failure.
+
+            The same guarantees as fsync of every file of that filesystem; it
+            reports writeback errors since Linux 5.8, for errors after ``fd``
+            was opened.
+            """
+            if _libc_syncfs is None:
+                raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+            if _libc_syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+
         @lru_cache(maxsize=1)
         def pid_namespace() -> str | None:
             """Return this process's pid-namespace identity, e.g. ``pid:[4026531836]``.
@@ -492,3 +527,9 @@ else:
         def pid_namespace() -> str | None:
             """Return None: no pid namespaces here."""
             return None
+
+        HAS_SYNCFS = False
+
+        def syncfs(fd: int) -> None:
+            """Raise ENOSYS: no syncfs here."""
+            raise OSError(errno.ENOSYS, "syncfs is not available on this platform")

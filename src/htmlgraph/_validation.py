@@ -15,6 +15,8 @@ import stat
 __all__ = ["invalid_reason"]
 
 _CHUNK = 1 << 20  # decoded in 1 MiB chunks: any file size, bounded memory
+# Never block on a FIFO or device a stranger put there (O_NONBLOCK), then fstat.
+_O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
 def invalid_reason(path: str) -> str | None:
@@ -33,26 +35,33 @@ def invalid_reason(path: str) -> str | None:
         ``"does not exist"`` or ``"not valid UTF-8 at byte 3"``.
     """
     try:
-        st = os.stat(path)
+        fd = os.open(path, _O_READ)
     except FileNotFoundError:
         return "does not exist"
-    except OSError as exc:
-        return f"cannot stat: {exc.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        return "is a directory" if stat.S_ISDIR(st.st_mode) else "is not a regular file"
+    except OSError as exc:  # Windows cannot open a directory at all
+        return "is a directory" if os.path.isdir(path) else f"cannot open: {exc.strerror}"
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+        return _decode(fd)
+    finally:
+        os.close(fd)
+
+
+def _decode(fd: int) -> str | None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                # The decoder holds back the start of a character split by the
-                # chunk boundary; an error's position counts from those bytes.
-                held = len(decoder.getstate()[0])
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as exc:
-                    return f"not valid UTF-8 at byte {offset - held + exc.start}"
-                offset += len(chunk)
+        while chunk := os.read(fd, _CHUNK):
+            # The decoder holds back the start of a character split by the
+            # chunk boundary; an error's position counts from those bytes.
+            held = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return f"not valid UTF-8 at byte {offset - held + exc.start}"
+            offset += len(chunk)
     except OSError as exc:
         return f"cannot read: {exc.strerror}"
     try:

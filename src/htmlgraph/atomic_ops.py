@@ -53,6 +53,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, AnyStr, Generic, Literal, NamedTuple, Union, cast, overload
 
 from htmlgraph import _identity, _platform, metrics
+from htmlgraph._validation import invalid_reason
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -266,9 +267,14 @@ def _fit(name: str, room: int) -> str:
 
 
 def _temp_affixes(name: str) -> tuple[str, str]:
-    """Return mkstemp's (prefix, suffix) for a temp of ``name``: at most 255 bytes in all."""
+    """Return mkstemp's (prefix, suffix) for a temp of ``name``: at most 255 bytes in all.
+
+    The prefix ends with a token of this call's own, so that a temp whose
+    creation was interrupted before mkstemp returned its name can still be
+    found (:meth:`_Staged._create`).
+    """
     pid = _platform.current_pid()
-    prefix = f"{TEMP_PREFIX}{pid}-{_identity.owner_tag(pid)}-"
+    prefix = f"{TEMP_PREFIX}{pid}-{_identity.owner_tag(pid)}-{_random_token(4)}"
     room = _NAME_MAX - len(prefix) - _MKSTEMP_RANDOM - 1  # prefix is ASCII: chars are bytes
     return prefix, "-" + _fit(name, room)
 
@@ -320,16 +326,14 @@ def _sync_created_dirs(directory: str, created: list[str]) -> None:
             _fsync_dir(parent)
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
-    """Write every byte of ``data`` to ``fd`` (os.write may write less); return the count."""
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write every byte of ``data`` to ``fd``: os.write may write less than asked."""
     view = memoryview(data).cast("B")
-    size = len(view)
     while view:
         written = os.write(fd, view)
         if written == 0:  # no progress and no error: do not spin
             raise OSError(errno.EIO, "write() wrote nothing")
         view = view[written:]
-    return size
 
 
 def _name_target(exc: OSError, target: str) -> None:
@@ -398,23 +402,40 @@ class _Staged:
         if temp_dir is not None:
             self.created_dirs = _make_dirs(directory)
             parent = os.path.realpath(temp_dir)
-        prefix, suffix = _temp_affixes(name)
         try:
-            fd, temp = tempfile.mkstemp(suffix, prefix, parent)
-        except FileNotFoundError:
-            # A missing directory, looked for only now, off the common path.
-            created = _make_dirs(parent)
-            if temp_dir is None:
-                self.created_dirs = created
-            fd, temp = tempfile.mkstemp(suffix, prefix, parent)
-        self.fd = fd
-        # mkstemp applies os.path.abspath() to ``parent``, which would resolve
-        # ".." as text; _physical already resolved any ".." in it.
-        self.temp = temp
-        try:
+            self._create(parent, name, created_here=temp_dir is None)
             self._match(0o666 & ~_platform.umask() if mode is None else mode, st)
         except BaseException:
             self.discard()
+            raise
+
+    def _create(self, parent: str, name: str, *, created_here: bool) -> None:
+        """Create the temp in ``parent`` with tempfile.mkstemp; set ``fd`` and ``temp``.
+
+        A signal can raise (KeyboardInterrupt, the CLI's SIGTERM) after
+        mkstemp created the file but before its name reached us; then the
+        file is found by this call's own prefix and removed.
+        """
+        prefix, suffix = _temp_affixes(name)
+        try:
+            try:
+                self.fd, self.temp = tempfile.mkstemp(suffix, prefix, parent)
+            except FileNotFoundError:
+                # A missing directory, looked for only now, off the common path.
+                created = _make_dirs(parent)
+                if created_here:
+                    self.created_dirs = created
+                self.fd, self.temp = tempfile.mkstemp(suffix, prefix, parent)
+            # mkstemp applies os.path.abspath() to ``parent``, which would
+            # resolve ".." as text; _physical already resolved any ".." in it.
+        except OSError:
+            raise  # nothing was created
+        except BaseException:
+            if not self.temp:
+                with contextlib.suppress(OSError), os.scandir(parent) as entries:
+                    for entry in entries:
+                        if entry.name.startswith(prefix):
+                            os.unlink(entry.path)
             raise
 
     def _match(self, mode: int, target: os.stat_result | None) -> None:
@@ -547,7 +568,8 @@ def _write_chunks(
         raise
     try:
         for chunk in chunks:
-            staged.size += _write_all(staged.fd, chunk)
+            _write_all(staged.fd, chunk)
+            staged.size += chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
         staged.commit(durable=durable)
     except OSError as exc:
         _name_target(exc, staged.target)
@@ -1116,23 +1138,7 @@ def validate_atomic_write(path: StrPath) -> bool:
     a FIFO or device is never opened for reading. Read-only; safe across
     threads and processes.
     """
-    text_path = _check_path(path)
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        fd = os.open(text_path, _O_READ)
-    except OSError:
-        return False
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        while chunk := os.read(fd, 1 << 20):
-            decoder.decode(chunk)
-        decoder.decode(b"", final=True)
-    except (OSError, UnicodeDecodeError):
-        return False
-    finally:
-        os.close(fd)
-    return True
+    return invalid_reason(_check_path(path)) is None
 
 
 # ==========================================================================

@@ -11,6 +11,8 @@ Commands:
 * ``validate FILE`` - is FILE complete, readable UTF-8 (and JSON)?
 * ``check DIR`` - a self-test: does DIR's filesystem keep htmlgraph's promises?
 * ``sessions ...`` - list, show, archive and reap session-registry entries.
+* ``batch ROOT SRC_DIR`` - make ROOT's files equal to SRC_DIR's, all or nothing;
+* ``recover ROOT`` - finish or undo a batch that a crash interrupted.
 
 Exit codes shared by every command: 0 success, 1 failure (an I/O error,
 invalid input, a broken promise found by ``check``), 2 usage error, 75 lock
@@ -882,6 +884,79 @@ def _cmd_sessions_reap(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# batch and recover
+# --------------------------------------------------------------------------
+
+
+def _tree_files(top: str, *, skip_own: bool) -> list[str]:
+    """Relative "/"-paths of every non-directory under ``top`` (links not followed).
+
+    ``skip_own``: leave out the batch library's hidden directory and the temp
+    files of writes in flight (``.tmp-*``), which are not the site's files.
+    """
+    from htmlgraph.atomic_ops import TEMP_PREFIX
+    from htmlgraph.batch import HIDDEN_DIR
+
+    found: list[str] = []
+    for directory, dirnames, filenames in os.walk(top):
+        if skip_own and directory == top and HIDDEN_DIR in dirnames:
+            dirnames.remove(HIDDEN_DIR)
+        # os.walk lists a symlink to a directory among dirnames: a file here.
+        names = filenames + [d for d in dirnames if os.path.islink(os.path.join(directory, d))]
+        for name in names:
+            if skip_own and name.startswith(TEMP_PREFIX):
+                continue
+            rel = os.path.relpath(os.path.join(directory, name), top)
+            found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from htmlgraph.batch import AtomicBatch
+
+    root: str = args.root
+    src: str = args.src
+    if not os.path.isdir(src):
+        raise _CommandError(f"not a directory: {src}")
+    wanted = _tree_files(src, skip_own=False)
+    writes = deletes = 0
+    with AtomicBatch(root, durable=not args.no_fsync, timeout=args.timeout) as batch:
+        for rel in wanted:
+            source = os.path.join(src, *rel.split("/"))
+            if os.path.isdir(source):
+                continue  # a symlink to a directory: its files are not copied
+            with open(source, "rb") as fin, batch.open(rel) as fout:
+                _copy_stream(fin, fout)
+            writes += 1
+        if args.delete:
+            keep = set(wanted)
+            for rel in _tree_files(root, skip_own=True):
+                if rel not in keep:
+                    batch.delete(rel, missing_ok=True)
+                    deletes += 1
+    print(f"committed {writes} write(s) and {deletes} delete(s) to {root}")
+    return EXIT_OK
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from htmlgraph.batch import recover
+
+    report = recover(args.root, timeout=args.timeout)
+    if not report:
+        print(f"nothing to recover in {args.root}")
+        return EXIT_OK
+    for rel in report.applied:
+        print(f"applied {rel}")
+    for rel in report.kept:
+        print(f"kept {rel} (changed after the batch began)")
+    print(
+        f"finished {report.finished} interrupted batch(es), "
+        f"discarded {report.discarded} uncommitted one(s) in {args.root}"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------
 
@@ -1124,6 +1199,54 @@ def build_parser() -> argparse.ArgumentParser:
     # one the cleanup then removes is noise here (the table counts them). -v
     # shows them.
     check.set_defaults(quiet_loggers=("htmlgraph.atomic_ops",))
+
+    batch = add(
+        "batch",
+        _cmd_batch,
+        "make ROOT's files equal to SRC_DIR's, all or nothing",
+        "Copy every file of SRC_DIR to the same path under ROOT in one AtomicBatch:\n"
+        "after a crash at any instant (and 'htmlgraph recover ROOT', which the next\n"
+        "batch also runs by itself) ROOT holds all the new files or none. With\n"
+        "--delete, files under ROOT that SRC_DIR lacks are deleted in the same\n"
+        "batch (never the library's own .htmlgraph-batch directory or the temp\n"
+        "files of writes in flight). Empty directories are left in place.\n\n"
+        "exit: 0 committed, 1 error (nothing changed), 2 usage, 75 lock timeout.",
+    )
+    batch.add_argument("root", metavar="ROOT", help="the directory to update (must exist)")
+    batch.add_argument("src", metavar="SRC_DIR", help="the directory holding the new files")
+    batch.add_argument(
+        "--delete", action="store_true", help="also delete files under ROOT that SRC_DIR lacks"
+    )
+    batch.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync (all-or-nothing against crashes, not durable across power loss)",
+    )
+    batch.add_argument(
+        "--timeout",
+        type=_non_negative,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for ROOT's lock (default 60)",
+    )
+
+    recover_cmd = add(
+        "recover",
+        _cmd_recover,
+        "finish or undo a batch a crash interrupted",
+        "Finish a batch that committed before a crash (roll it forward) and remove\n"
+        "the staged files of batches that never committed and whose process is\n"
+        "gone. Files changed after the batch began are kept. Idempotent.\n\n"
+        "exit: 0 done, 1 error, 2 usage, 75 lock timeout.",
+    )
+    recover_cmd.add_argument("root", metavar="ROOT", help="the batch root")
+    recover_cmd.add_argument(
+        "--timeout",
+        type=_non_negative,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for ROOT's lock (default 60)",
+    )
 
     sessions = add(
         "sessions",
