@@ -30,9 +30,18 @@ from crashlab.batchchild import (
     tree,
 )
 from crashlab.procs import start_process
-from htmlgraph import AtomicBatch, atomic_json_write, atomic_write, cli, read_snapshot, recover
+from htmlgraph import (
+    AtomicBatch,
+    DirectoryLocker,
+    atomic_json_write,
+    atomic_write,
+    cli,
+    read_snapshot,
+    recover,
+)
 from htmlgraph import batch as batch_mod
 from htmlgraph.batch import HIDDEN_DIR, RecoveryReport
+from htmlgraph.update import update_lock_dir
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and symlinks")
 
@@ -543,6 +552,10 @@ def test_cli_batch_and_recover(root: Path, tmp_path: Path) -> None:
         (src / rel).write_bytes(data)
     stray_temp = root / ".tmp-1-0123456789abcdef-x"
     stray_temp.write_bytes(b"someone's write in flight")
+    # A running atomic_update holds its per-file lock beside the file.
+    updater = DirectoryLocker(update_lock_dir(root / "index.json"))
+    assert updater.acquire_exclusive_lock(timeout=0)
+    held_marker = updater.exclusive_lock_path
     run = [sys.executable, "-m", "htmlgraph"]
     proc = subprocess.run(
         [*run, "batch", str(root), str(src), "--delete"],
@@ -552,6 +565,8 @@ def test_cli_batch_and_recover(root: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    assert held_marker.exists(), "--delete removed a live updater's lock marker"
+    updater.release_lock()
     assert tree(root) == {**NEW_TREE, stray_temp.name: b"someone's write in flight"}
     assert library_leftovers(root) == []
     proc = subprocess.run(

@@ -891,16 +891,23 @@ def _cmd_sessions_reap(args: argparse.Namespace) -> int:
 def _tree_files(top: str, *, skip_own: bool) -> list[str]:
     """Relative "/"-paths of every non-directory under ``top`` (links not followed).
 
-    ``skip_own``: leave out the batch library's hidden directory and the temp
-    files of writes in flight (``.tmp-*``), which are not the site's files.
+    ``skip_own``: leave out the library's own files, which are not the site's:
+    the batch's hidden directory, the per-file update locks
+    (``.NAME.htmlgraph-lock/``, whose markers belong to running updaters) and
+    the temp files of writes in flight (``.tmp-*``).
     """
     from htmlgraph.atomic_ops import TEMP_PREFIX
     from htmlgraph.batch import HIDDEN_DIR
+    from htmlgraph.update import LOCK_SUFFIX
 
     found: list[str] = []
     for directory, dirnames, filenames in os.walk(top):
-        if skip_own and directory == top and HIDDEN_DIR in dirnames:
-            dirnames.remove(HIDDEN_DIR)
+        if skip_own:
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if not (directory == top and d == HIDDEN_DIR) and not d.endswith(LOCK_SUFFIX)
+            ]
         # os.walk lists a symlink to a directory among dirnames: a file here.
         names = filenames + [d for d in dirnames if os.path.islink(os.path.join(directory, d))]
         for name in names:
