@@ -1443,6 +1443,16 @@ def stats_lines(snapshot: Mapping[str, object]) -> list[str]:
             lines.append(
                 f"stale lock files removed ({row['labels'].get('reason')}): {row['value']:g}"
             )
+    for name, what in (
+        ("htmlgraph_updates_total", "updates"),
+        ("htmlgraph_registry_operations_total", "registry operations"),
+        ("htmlgraph_batch_commits_total", "batches committed"),
+        ("htmlgraph_batch_recoveries_total", "batches recovered"),
+    ):
+        for row in counters.get(name, []):
+            if row["value"]:
+                label = ", ".join(str(v) for v in row["labels"].values())
+                lines.append(f"{what}{f' ({label})' if label else ''}: {row['value']:g}")
     removed = total("htmlgraph_cleanup_removed_total")
     skipped = total("htmlgraph_cleanup_skipped_total")
     if removed or skipped or "htmlgraph_cleanup_removed_total" in counters:
