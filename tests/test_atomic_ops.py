@@ -2101,7 +2101,7 @@ class TestProperties:
     @given(name=_names)
     def test_temp_names_stay_within_name_max(self, name: str) -> None:
         prefix, suffix = atomic_ops._temp_affixes(name)
-        temp = prefix + "x" * atomic_ops._MKSTEMP_RANDOM + suffix
+        temp = prefix + "0" * atomic_ops._TEMP_RANDOM + suffix
         raw = temp.encode("utf-8")
         assert len(raw) <= 255
         match = TEMP_NAME_RE.match(temp)
@@ -2332,6 +2332,34 @@ class TestEdgeCases:
             assert listing(tmp_path) == (["t.txt"] if existing else [])
         if existing:
             assert target.read_text(encoding="utf-8") == "old"
+
+    @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+    def test_a_replaced_mkstemp_makes_the_temp_with_the_right_mode(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: Any, existing: bool
+    ) -> None:
+        umask(0o027)
+        target = tmp_path / "t.txt"
+        if existing:
+            target.write_text("old", encoding="utf-8")
+            target.chmod(0o604)
+        real = tempfile.mkstemp
+        made: list[str] = []
+
+        def wrapped(*args: Any, **kwargs: Any) -> tuple[int, str]:
+            fd, path = real(*args, **kwargs)
+            made.append(os.path.basename(path))
+            return fd, path
+
+        monkeypatch.setattr(tempfile, "mkstemp", wrapped)
+        atomic_write(target, "new")
+        with AtomicFileWriter(target) as f:
+            f.write("newer")
+        assert len(made) == 2
+        assert all(TEMP_NAME_RE.match(name) for name in made), made
+        assert target.read_text(encoding="utf-8") == "newer"
+        # The target's own mode, or open()'s 0o666 & ~umask: never mkstemp's 0o600.
+        assert stat.S_IMODE(target.stat().st_mode) == (0o604 if existing else 0o640)
+        assert listing(tmp_path) == ["t.txt"]
 
     @pytest.mark.parametrize(
         "error",

@@ -121,7 +121,7 @@ def audit(calls: list[Call], target: Path, synced_dirs: list[Path], *, link: boo
     created = [c for c in opens if c.ret >= 0]
     assert len(created) == 1, f"exactly one temp must be created:\n{log}"
     opened = created[0]
-    for flag in ("O_RDWR", "O_CREAT", "O_EXCL", "O_NOFOLLOW", "O_CLOEXEC"):  # mkstemp
+    for flag in ("O_WRONLY", "O_CREAT", "O_EXCL", "O_NOFOLLOW", "O_CLOEXEC"):
         assert flag in opened.args, f"{flag} missing: {opened.args}"
     temp = next(s for s in opened.strings() if s.startswith(temp_prefix))
     reopened = [c for c in opens if c is not opened and temp in c.strings()]
@@ -220,21 +220,21 @@ MUTANTS = {
     "no-fsync": (
         "import os\n"
         "tmp = os.path.join(os.path.dirname(target), '.tmp-1-x-t')\n"
-        "fd = os.open(tmp, os.O_RDWR|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
+        "fd = os.open(tmp, os.O_WRONLY|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
         "os.write(fd, b'new'); os.close(fd); os.replace(tmp, target)\n"
         "d = os.open(os.path.dirname(target), os.O_RDONLY); os.fsync(d); os.close(d)\n"
     ),
     "fsync-after-rename": (
         "import os\n"
         "tmp = os.path.join(os.path.dirname(target), '.tmp-1-x-t')\n"
-        "fd = os.open(tmp, os.O_RDWR|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
+        "fd = os.open(tmp, os.O_WRONLY|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
         "os.write(fd, b'new'); os.replace(tmp, target); os.fsync(fd); os.close(fd)\n"
         "d = os.open(os.path.dirname(target), os.O_RDONLY); os.fsync(d); os.close(d)\n"
     ),
     "reopen-by-name": (
         "import os\n"
         "tmp = os.path.join(os.path.dirname(target), '.tmp-1-x-t')\n"
-        "fd = os.open(tmp, os.O_RDWR|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
+        "fd = os.open(tmp, os.O_WRONLY|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
         "os.close(fd)\n"
         "with open(tmp, 'wb') as f: f.write(b'new'); f.flush(); os.fsync(f.fileno())\n"
         "os.replace(tmp, target)\n"
@@ -243,7 +243,7 @@ MUTANTS = {
     "no-dir-fsync": (
         "import os\n"
         "tmp = os.path.join(os.path.dirname(target), '.tmp-1-x-t')\n"
-        "fd = os.open(tmp, os.O_RDWR|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
+        "fd = os.open(tmp, os.O_WRONLY|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC, 0o666)\n"
         "os.write(fd, b'new'); os.fsync(fd); os.close(fd); os.replace(tmp, target)\n"
     ),
 }

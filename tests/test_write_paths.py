@@ -57,11 +57,22 @@ def test_unknown_codec_for_large_text_touches_nothing(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("existing", [0o644, 0o600, 0o666, 0o664, 0o4755])
-def test_existing_mode_is_set_with_one_fchmod(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: object, existing: int
+@pytest.mark.parametrize(
+    ("existing", "expect_fchmod"),
+    [
+        (0o644, False),  # the umask keeps every bit: created right, no fchmod
+        (0o600, False),
+        (0o666, True),  # the umask removes group/other write: fixed by fchmod
+        (0o664, True),
+    ],
+)
+def test_existing_mode_is_kept_with_fchmod_only_when_needed(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    umask: object,
+    existing: int,
+    expect_fchmod: bool,
 ) -> None:
-    # mkstemp creates the temp 0o600; one fchmod on the fd gives the final mode.
     target = tmp_path / "t"
     target.write_text("old")
     os.chmod(target, existing)
@@ -75,7 +86,7 @@ def test_existing_mode_is_set_with_one_fchmod(
     monkeypatch.setattr(os, "fchmod", spy)
     atomic_write(target, "new")
     assert stat.S_IMODE(target.stat().st_mode) == existing
-    assert calls == [existing]
+    assert calls == ([existing] if expect_fchmod else [])
     assert target.read_text() == "new"
 
 
