@@ -1329,3 +1329,23 @@ def test_module_exports() -> None:
     assert htmlgraph.atomic_json_update is update.atomic_json_update
     for name in update.__all__:
         assert getattr(update, name) is not None
+
+
+def test_dot_dot_after_a_symlinked_directory_locks_the_file_the_write_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "l/../state.json" is real/state.json to the kernel: the lock must be
+    # beside that file, where every other spelling of it locks too.
+    real = tmp_path / "real" / "sub"
+    real.mkdir(parents=True)
+    (tmp_path / "l").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    atomic_json_update("l/../state.json", lambda d: {"n": d.get("n", 0) + 1}, default=dict)
+    atomic_json_update(tmp_path / "real" / "state.json", lambda d: {"n": d["n"] + 1})
+    assert json.loads((tmp_path / "real" / "state.json").read_text()) == {"n": 2}
+    assert sorted(os.listdir(tmp_path)) == ["l", "real"]
+    assert sorted(os.listdir(tmp_path / "real")) == [
+        ".state.json.htmlgraph-lock",
+        "state.json",
+        "sub",
+    ]

@@ -59,7 +59,7 @@ from types import TracebackType
 from typing import IO, Literal, NamedTuple, Union, overload
 
 from htmlgraph import _identity, _platform, metrics
-from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout
+from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout, _check_path, _make_dirs
 
 __all__ = ["HIDDEN_DIR", "AtomicBatch", "RecoveryReport", "read_snapshot", "recover"]
 
@@ -158,13 +158,7 @@ def _sync_file_by_name(path: str) -> None:
 
 def _check_root(root: object) -> str:
     """Return the real path of an existing root directory, or raise a clear error."""
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be str or os.PathLike[str], not {type(root).__name__}")
-    text = os.fspath(root)
-    if not isinstance(text, str):
-        raise TypeError(f"root must be str or os.PathLike[str], not a bytes path: {text!r}")
-    if not text or "\0" in text:
-        raise ValueError(f"invalid root directory: {text!r}")
+    text = _check_path(root, "root")
     real = os.path.realpath(text)
     try:
         st = os.stat(real)
@@ -291,25 +285,6 @@ def _lstat(path: str) -> os.stat_result | None:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-
-
-def _make_dirs(directory: str) -> list[str]:
-    """Create ``directory`` and its missing parents; return those created, outermost first."""
-    missing: list[str] = []
-    current = directory
-    while not os.path.isdir(current):
-        missing.append(current)
-        current = os.path.dirname(current)
-    created: list[str] = []
-    for path in reversed(missing):
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            if not os.path.isdir(path):
-                raise
-        else:
-            created.append(path)
-    return created
 
 
 # --------------------------------------------------------------------------

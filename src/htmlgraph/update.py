@@ -37,8 +37,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, overload
 
-from htmlgraph import metrics
-from htmlgraph.atomic_ops import DirectoryLocker, atomic_json_write, atomic_write
+from htmlgraph import _platform, metrics
+from htmlgraph.atomic_ops import (
+    DirectoryLocker,
+    _check_target,
+    _physical,
+    atomic_json_write,
+    atomic_write,
+)
 
 __all__ = ["LOCK_SUFFIX", "atomic_json_update", "atomic_update", "update_lock_dir"]
 
@@ -75,17 +81,13 @@ _MISSING = _Missing.MISSING
 
 
 def _check(path: StrPath) -> str:
-    """Return ``path`` as an absolute ``str``, checked like a write target."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be str or os.PathLike[str], not {type(path).__name__}")
-    text = os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError(f"path must be str or os.PathLike[str], not a bytes path: {text!r}")
-    if not text or "\0" in text:
-        raise ValueError(f"path must be a non-empty file name without NUL bytes: {text!r}")
-    if text.endswith((os.sep, os.altsep or os.sep)):
-        raise IsADirectoryError(errno.EISDIR, "path ends with a separator", text)
-    return os.path.abspath(text)
+    """Return ``path`` as an absolute ``str``, checked and resolved as a write target is.
+
+    The same rules as :func:`~htmlgraph.atomic_ops.atomic_write` (one home):
+    ``..`` after a symlinked directory is resolved as the kernel does, so the
+    lock is beside the file the write will replace.
+    """
+    return _physical(_platform.absolute(_check_target(path)))
 
 
 def _resolve(path: StrPath) -> str:
@@ -102,7 +104,7 @@ def _target(path: StrPath) -> tuple[str, bool]:
     symlinked *parent* already leads into the same physical directory, so its
     lock directory is the same one. That spares the per-component ``lstat``
     of :func:`os.path.realpath` on every update. ``..`` is resolved
-    lexically, as :func:`~htmlgraph.atomic_ops.atomic_write` does.
+    as :func:`~htmlgraph.atomic_ops.atomic_write` resolves it (as the kernel does).
     """
     target = _check(path)
     try:
