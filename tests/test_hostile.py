@@ -538,13 +538,13 @@ def test_enospc_inside_the_with_block_names_the_target(tmp_path: Path) -> None:
 def test_seed_contract_invalid_target_is_a_value_error(tmp_path: Path) -> None:
     for bad in (None, "", 42):
         with pytest.raises(ValueError, match="target path"):
-            AtomicFileWriter(bad)  # type: ignore[arg-type]
+            AtomicFileWriter(bad)  # type: ignore[arg-type,unused-ignore]
         with pytest.raises(ValueError, match="target path"):
-            AtomicFileWriter.atomic_write(bad, "x")  # type: ignore[arg-type]
+            AtomicFileWriter.atomic_write(bad, "x")  # type: ignore[arg-type,unused-ignore]
         with pytest.raises(ValueError, match="target path"):
-            AtomicFileWriter.atomic_json_write(bad, {})  # type: ignore[arg-type]
+            AtomicFileWriter.atomic_json_write(bad, {})  # type: ignore[arg-type,unused-ignore]
     with pytest.raises(TypeError):  # the other reading of a wrong type
-        AtomicFileWriter(None)  # type: ignore[call-overload]
+        AtomicFileWriter(None)  # type: ignore[call-overload,unused-ignore]
     assert listing(tmp_path) == []
 
 
@@ -573,7 +573,7 @@ def test_seed_contract_safe_read_retries_any_os_error(
         calls.append(args[0])
         if len(calls) < 3:
             raise OSError(errno.EIO, "transient network error")
-        return real_open(*args, **kwargs)  # type: ignore[call-overload]
+        return real_open(*args, **kwargs)  # type: ignore[call-overload,unused-ignore]
 
     monkeypatch.setattr(builtins, "open", flaky)
     monkeypatch.setattr(time, "sleep", lambda s: None)
