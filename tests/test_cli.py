@@ -968,6 +968,7 @@ def test_check_on_tmpfs(tmpfs_dir: Path) -> None:
     assert report["filesystem"] == "tmpfs"
 
 
+@pytest.mark.slow  # a full self-check run: the slow suite
 def test_check_table_output(tmp_path: Path) -> None:
     result = run_cli("check", "--seconds", "1.5", "--processes", "2", "--no-fsync", str(tmp_path))
     assert result.returncode == 0, (result.stdout, result.stderr)
@@ -1000,6 +1001,7 @@ def test_check_with_zero_budget_still_tests_everything(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow  # a full self-check run: the slow suite
 def test_check_catches_a_broken_writer_subprocess(tmp_path: Path) -> None:
     result = run_cli(
         "check",
@@ -1018,6 +1020,7 @@ def test_check_catches_a_broken_writer_subprocess(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow  # a full self-check run: the slow suite
 def test_check_catches_a_broken_writer_in_process(tmp_path: Path) -> None:
     # The writer's pause makes a torn file likely at once; 1 s is plenty.
     report = _selfcheck.run_check(
@@ -1031,6 +1034,7 @@ def test_check_catches_a_broken_writer_in_process(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow  # a full self-check run: the slow suite
 def test_check_catches_a_broken_lock(tmp_path: Path) -> None:
     # The lock helper's negative control: check-then-create, not exclusive.
     report = _selfcheck.run_check(tmp_path, seconds=2, processes=4, locker=NaiveLock)
@@ -1069,6 +1073,7 @@ def test_check_writer_spec_errors(tmp_path: Path) -> None:
     assert b"not a directory" in result.stderr
 
 
+@pytest.mark.slow  # a full self-check run: the slow suite
 def test_check_with_spawned_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The start method Windows and macOS use: the writer must travel by name.
     import multiprocessing

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="strace is Linux-only")
+pytestmark = [
+    pytest.mark.slow,  # strace audits: part of the crash lab
+    pytest.mark.skipif(sys.platform != "linux", reason="strace is Linux-only"),
+]
 
 TRACE = "openat,write,fsync,fdatasync,rename,renameat,renameat2,link,linkat,unlink,unlinkat,close"
 _LINE = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((.*)\)\s+=\s+(-?\d+)")

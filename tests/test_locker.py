@@ -1684,6 +1684,7 @@ if sys.platform == "linux":  # thread groups and task states read from /proc
             data = f.read()
         return data[data.rfind(b")") + 2 :][:1].decode()
 
+    @pytest.mark.slow  # real multi-threaded holders whose main thread exits
     class TestLeaderlessHolder:
         """Issue 11 item 7: a holder whose main thread exited is alive while a thread runs."""
 
