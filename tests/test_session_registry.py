@@ -2008,12 +2008,17 @@ def test_static_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert SessionRegistry._read_json(tmp_path / "list.json") is None
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_a_fifo_in_active_never_blocks_a_reader(reg: SessionRegistry) -> None:
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and sockets")
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_fifo_in_active_never_blocks_a_reader(reg: SessionRegistry, kind: str) -> None:
     if sys.platform == "win32":
         pytest.skip("no FIFOs")
     register(reg, "s1")
-    os.mkfifo(reg.active_dir / "trap.json")
+    if kind == "fifo":
+        os.mkfifo(reg.active_dir / "trap.json")
+    else:  # open() of a socket fails with ENXIO: still skipped, then quarantined
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(reg.active_dir / "trap.json"))
     assert [r["session_id"] for r in reg.get_current_sessions()] == ["s1"]
     assert reg.read_session("trap") is None
     assert set(reg.get_index()) == {"s1"}  # quarantined under the lock

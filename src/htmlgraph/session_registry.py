@@ -395,8 +395,15 @@ def _read_file(path: Path) -> tuple[bytes, float] | None:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _CorruptFileError("it is a symbolic link") from exc
-        if path.is_dir():
+        # A socket (ENXIO) or device cannot even be opened: look, don't read.
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISDIR(mode):
             raise _CorruptFileError("it is a directory") from exc
+        if not stat.S_ISREG(mode):
+            raise _CorruptFileError("it is not a regular file") from exc
         raise
     try:
         info = os.fstat(fd)
