@@ -70,14 +70,16 @@ def run_cli(
 
 
 def default_sigint() -> None:
-    """Give a child Python's default SIGINT handling (KeyboardInterrupt).
+    """Give a child the default handling of the signals the tests send.
 
-    A child inherits an ignored SIGINT (the suite started by ``nohup`` or as a
-    background job) and Python then keeps ignoring it; tests that send SIGINT
-    need it at its default, which the child's Python turns into
-    ``signal.default_int_handler``. Runs in the child between fork and exec.
+    A child inherits an ignored SIGINT or SIGHUP (the suite started by
+    ``nohup`` or as a background job), and then keeps ignoring it - the CLI
+    rightly leaves an ignored signal ignored. Tests that send them need them
+    at their default (SIGINT: Python's KeyboardInterrupt). Runs in the child
+    between fork and exec.
     """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def start_cli(*args: str, **kwargs: object) -> subprocess.Popen[bytes]:
