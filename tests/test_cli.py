@@ -78,8 +78,8 @@ def default_sigint() -> None:
     at their default (SIGINT: Python's KeyboardInterrupt). Runs in the child
     between fork and exec.
     """
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+    for name in ("SIGINT", "SIGHUP", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
 
 
 def start_cli(*args: str, **kwargs: object) -> subprocess.Popen[bytes]:
