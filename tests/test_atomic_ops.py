@@ -2444,3 +2444,161 @@ class TestEdgeCases:
         assert errors == []
         assert listing(deep) == sorted(f"f{i}" for i in range(8))
         assert listing(tmp_path) == ["new"]
+
+
+class TestRarePaths:
+    """Paths a run meets rarely: name collisions, refusals, odd errors - each forced."""
+
+    def test_temp_name_collision_draws_another_name(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        tokens = iter(["0" * 16, "0" * 16, "1" * 16])
+        monkeypatch.setattr(atomic_ops, "_random_token", lambda nbytes=8: next(tokens))
+        head = atomic_ops._temp_head(os.getpid())
+        squatter = tmp_path / f"{head}{'0' * 16}-t.txt"
+        squatter.write_text("someone else's", encoding="utf-8")
+        atomic_write(tmp_path / "t.txt", "mine")
+        assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "mine"
+        assert squatter.read_text(encoding="utf-8") == "someone else's"  # never touched
+        assert listing(tmp_path) == sorted([squatter.name, "t.txt"])
+
+    def test_every_temp_name_taken_is_an_error_not_a_clobber(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        drawn: list[int] = []
+
+        def stuck(nbytes: int = 8) -> str:
+            drawn.append(nbytes)
+            return "a" * 16
+
+        monkeypatch.setattr(atomic_ops, "_random_token", stuck)
+        squatter = tmp_path / f"{atomic_ops._temp_head(os.getpid())}{'a' * 16}-t.txt"
+        squatter.write_text("taken", encoding="utf-8")
+        with pytest.raises(FileExistsError, match="no free temp name"):
+            atomic_write(tmp_path / "t.txt", "x")
+        assert len(drawn) == atomic_ops._TEMP_ATTEMPTS
+        assert listing(tmp_path) == [squatter.name]
+
+    def test_a_write_that_makes_no_progress_is_eio_not_a_spin(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        target = tmp_path / "t.txt"
+        target.write_text("old", encoding="utf-8")
+        calls: list[int] = []
+
+        def stalled(fd: int, data: bytes) -> int:
+            calls.append(fd)
+            return 0
+
+        monkeypatch.setattr(os, "write", stalled)
+        with pytest.raises(OSError, match="wrote nothing") as info:
+            atomic_write(target, "new")
+        monkeypatch.undo()
+        assert calls
+        assert info.value.errno == errno.EIO
+        assert info.value.filename == str(target)
+        assert target.read_text(encoding="utf-8") == "old"
+        assert listing(tmp_path) == ["t.txt"]
+
+    def test_paths_given_are_reported_as_given(self, tmp_path: Path) -> None:
+        writer = AtomicFileWriter(tmp_path / "t.txt", tmp_path / "staging")
+        assert writer.target_path == tmp_path / "t.txt"
+        assert writer.temp_dir == tmp_path / "staging"
+        assert AtomicFileWriter(tmp_path / "u.txt").temp_dir is None
+        assert listing(tmp_path) == []
+
+    def test_create_only_whose_temp_link_cannot_be_removed_still_commits(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        real_unlink = os.unlink
+        refused: list[str] = []
+
+        def refuse_temp(path: str) -> None:
+            if os.path.basename(path).startswith(".tmp-"):
+                refused.append(path)
+                raise PermissionError(errno.EPERM, "Operation not permitted", path)
+            real_unlink(path)
+
+        monkeypatch.setattr(os, "unlink", refuse_temp)
+        atomic_write(tmp_path / "new.txt", "created", overwrite=False)
+        monkeypatch.undo()
+        assert len(refused) == 1
+        assert (tmp_path / "new.txt").read_text(encoding="utf-8") == "created"
+        assert "could not remove temp link" in caplog.text
+        real_unlink(refused[0])  # the extra name of the same file: an orphan
+        assert listing(tmp_path) == ["new.txt"]
+
+    @posix_only
+    def test_reading_a_fifo_in_process_is_refused_at_once(self, tmp_path: Path) -> None:
+        if sys.platform == "win32":
+            pytest.skip("no FIFOs")
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        with pytest.raises(OSError, match="a FIFO, not a regular file") as info:
+            AtomicFileWriter.safe_read_with_retry(fifo, max_retries=1)
+        assert info.value.errno == errno.EINVAL
+        assert not validate_atomic_write(fifo)
+        assert listing(tmp_path) == ["fifo"]
+
+    @posix_only
+    @pytest.mark.parametrize("rule", ["may_follow_link", "may_replace"])
+    def test_a_kernel_rule_saying_no_refuses_before_anything_is_written(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rule: str
+    ) -> None:
+        # The rules themselves are compared with the kernel in test_hostile.py
+        # (as root); here the writer's answer to a "no" is checked in-process.
+        real = tmp_path / "real.txt"
+        real.write_text("old", encoding="utf-8")
+        link = tmp_path / "link.txt"
+        link.symlink_to(real)
+        asked: list[str] = []
+
+        def no(path: str, st: os.stat_result) -> bool:
+            asked.append(path)
+            return False
+
+        monkeypatch.setattr(_platform, rule, no)
+        with pytest.raises(PermissionError, match="protected_") as info:
+            atomic_write(link, "new")
+        assert asked
+        assert info.value.errno == errno.EACCES
+        assert real.read_text(encoding="utf-8") == "old"
+        assert listing(tmp_path) == ["link.txt", "real.txt"]
+
+    def test_cleanup_counts_what_it_may_not_remove_and_goes_on(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        names = [".tmp-a", ".tmp-b", ".tmp-c"]
+        for name in names:
+            (tmp_path / name).write_text("old", encoding="utf-8")
+            age(tmp_path / name, 48)
+        real_unlink = os.unlink
+
+        def refuse_b(path: str) -> None:
+            if path.endswith(".tmp-b"):
+                raise PermissionError(errno.EPERM, "Operation not permitted", path)
+            real_unlink(path)
+
+        monkeypatch.setattr(os, "unlink", refuse_b)
+        result = atomic_ops._cleanup(tmp_path, 24)
+        monkeypatch.undo()
+        assert result == (2, 1)
+        assert listing(tmp_path) == [".tmp-b"]
+        assert "could not remove 1 orphaned temp file(s)" in caplog.text
+
+    def test_a_replaced_mkstemp_creates_missing_directories(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = tempfile.mkstemp
+        calls: list[object] = []
+
+        def wrapped(*args: Any, **kwargs: Any) -> tuple[int, str]:
+            calls.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", wrapped)
+        target = tmp_path / "new" / "dir" / "t.txt"
+        atomic_write(target, "deep")
+        assert len(calls) == 2  # the first found the directory missing
+        assert target.read_text(encoding="utf-8") == "deep"
+        assert listing(target.parent) == ["t.txt"]
