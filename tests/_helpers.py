@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 
 from htmlgraph import _platform
 
@@ -49,3 +51,20 @@ def age(path: str | os.PathLike[str], hours: float) -> None:
     """Back-date ``path``'s access and modification times by ``hours`` (no symlink follow)."""
     then = time.time() - hours * 3600
     os.utime(path, (then, then), follow_symlinks=False)
+
+
+def cheap_context(preload: str) -> BaseContext:
+    """Children without fork's inherited state; a forkserver preloading ``preload`` keeps
+    many starts cheap (spawn where there is no forkserver)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([preload])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def new_process(ctx: BaseContext, target: Callable[..., None], *args: object) -> BaseProcess:
+    """Create (not start) a process in ``ctx``."""
+    # typeshed declares Process on each concrete context class, not on BaseContext.
+    proc: BaseProcess = ctx.Process(target=target, args=args)  # type: ignore[attr-defined]
+    return proc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
 
 import pytest
 
@@ -16,3 +17,14 @@ def umask() -> Iterator[Callable[[int], int]]:
         yield os.umask
     finally:
         os.umask(original)
+
+
+@pytest.fixture
+def reap() -> Iterator[list[BaseProcess]]:
+    """Collect started processes; kill any still alive when the test ends (pass or fail)."""
+    procs: list[BaseProcess] = []
+    yield procs
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)

@@ -9,15 +9,15 @@ code asserted. After each scenario the directory is listed whole.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
 
+from _helpers import cheap_context, new_process
 from _writehelpers import (
     EXIT_OK,
     JOIN_TIMEOUT,
@@ -40,30 +40,7 @@ VERSIONS = 6
 
 @pytest.fixture(scope="module")
 def ctx() -> BaseContext:
-    """A start method without fork's inherited state; forkserver keeps 20 starts cheap."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["_writehelpers"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-@pytest.fixture
-def reap() -> Iterator[list[BaseProcess]]:
-    """Collect started processes; kill any still alive when the test ends (pass or fail)."""
-    procs: list[BaseProcess] = []
-    yield procs
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
-
-
-def new_process(ctx: BaseContext, target: Callable[..., None], *args: object) -> BaseProcess:
-    """Create (not start) a process in ``ctx``."""
-    # typeshed declares Process on each concrete context class, not on BaseContext.
-    proc: BaseProcess = ctx.Process(target=target, args=args)  # type: ignore[attr-defined]
-    return proc
+    return cheap_context("_writehelpers")
 
 
 def join_all(procs: list[BaseProcess]) -> list[int]:

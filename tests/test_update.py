@@ -26,7 +26,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 
 import _updatehelpers
 import htmlgraph
+from _helpers import cheap_context, new_process
 from htmlgraph import DirectoryLocker, LockTimeout, atomic_json_update, atomic_update, update
 from htmlgraph.update import LOCK_SUFFIX, update_lock_dir
 
@@ -850,29 +851,7 @@ def _raise_boom(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def ctx() -> BaseContext:
-    """Children without fork's inherited state; forkserver keeps the starts cheap."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["_updatehelpers"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-@pytest.fixture
-def reap() -> Iterator[list[BaseProcess]]:
-    procs: list[BaseProcess] = []
-    yield procs
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
-
-
-def new_process(ctx: BaseContext, target: Callable[..., None], *args: object) -> BaseProcess:
-    """Create (not start) a process in ``ctx``."""
-    # typeshed declares Process on each concrete context class, not on BaseContext.
-    proc: BaseProcess = ctx.Process(target=target, args=args)  # type: ignore[attr-defined]
-    return proc
+    return cheap_context("_updatehelpers")
 
 
 def _run_incrementers(
