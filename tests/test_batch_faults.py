@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from crashlab.batchchild import (
+    COMMIT_STEPS,
     CRASH_EXIT,
     NEW_TREE,
     OLD_TREE,
@@ -86,17 +87,7 @@ def _expect_committed(steps: list[str], k: int, *, crash: bool = True) -> bool:
 
 def test_the_protocol_has_the_documented_steps(commit_steps: list[str]) -> None:
     # Four writes and a delete: one "apply-op" each.
-    assert commit_steps == [
-        "locked",
-        "journal-written",
-        "staged-durable",
-        "journal-renamed",
-        "committed",
-        *["apply-op"] * 5,
-        "applied",
-        "synced",
-        "retired",
-    ]
+    assert commit_steps == COMMIT_STEPS
 
 
 @pytest.mark.parametrize("k", range(1, 14))

@@ -28,7 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from crashlab.batchchild import CRASH_EXIT, MUTANTS, NEW_TREE, OLD_TREE, make_old, tree
+from crashlab.batchchild import (
+    COMMIT_STEPS,
+    CRASH_EXIT,
+    MUTANTS,
+    NEW_TREE,
+    OLD_TREE,
+    make_old,
+    tree,
+)
 from crashlab.loopfs import FILESYSTEMS, FsKind, LoopFs, Stage, leftover_lab_state, skip_reason
 from htmlgraph.batch import HIDDEN_DIR, recover
 
@@ -38,17 +46,6 @@ _TESTS = Path(__file__).resolve().parent
 _SRC = _TESTS.parent / "src"
 LAB_FS = ("ext4", "xfs", "btrfs")
 MUTANT_FS = ("ext4", "xfs")
-COMMIT_STEPS = [
-    "locked",
-    "journal-written",
-    "staged-durable",
-    "journal-renamed",
-    "committed",
-    *["apply-op"] * 5,
-    "applied",
-    "synced",
-    "retired",
-]
 RECOVERY_STEPS = 8  # five ops, applied, synced, retired
 _BEFORE = {"locked", "journal-written", "staged-durable"}
 _EITHER = {"journal-renamed"}

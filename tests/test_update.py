@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 import _updatehelpers
 import htmlgraph
-from _helpers import cheap_context, new_process
+from _helpers import cheap_context, new_process, wait_for
 from htmlgraph import DirectoryLocker, LockTimeout, atomic_json_update, atomic_update, update
 from htmlgraph.update import LOCK_SUFFIX, update_lock_dir
 
@@ -1133,11 +1133,8 @@ def test_cli_update_forwards_sigterm_and_leaves_the_file(tmp_path: Path) -> None
         env=_env(),
     )
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not ready.exists():
-            assert time.monotonic() < deadline, "the filter never started"
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-            time.sleep(0.01)
+        wait_for(lambda: ready.exists() or proc.poll() is not None, "the filter", TIMEOUT)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
         assert not lock_is_free(target)
         proc.send_signal(signal.SIGTERM)
         proc.wait(TIMEOUT)
@@ -1180,11 +1177,12 @@ def test_cli_update_terminated_while_waiting_for_the_lock(tmp_path: Path) -> Non
         try:
             # Its handler is installed just before it starts waiting for the
             # lock, which it cannot get while the holder has it.
-            deadline = time.monotonic() + TIMEOUT
-            while not _catches(proc.pid, signal.SIGTERM):
-                assert time.monotonic() < deadline, "update never got ready"
-                assert proc.poll() is None
-                time.sleep(0.01)
+            wait_for(
+                lambda: proc.poll() is not None or _catches(proc.pid, signal.SIGTERM),
+                "update to get ready",
+                TIMEOUT,
+            )
+            assert proc.poll() is None
             time.sleep(0.2)  # most likely in the lock's wait loop by now (either way: 143)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=TIMEOUT)
@@ -1225,10 +1223,7 @@ def test_cli_update_killed_takes_its_command_along(tmp_path: Path) -> None:
         env=_env(),
     )
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not pid_file.exists():
-            assert time.monotonic() < deadline, "the filter never started"
-            time.sleep(0.01)
+        wait_for(pid_file.exists, "the filter to start", TIMEOUT)
         proc.kill()
         proc.wait(TIMEOUT)
     finally:
@@ -1236,10 +1231,11 @@ def test_cli_update_killed_takes_its_command_along(tmp_path: Path) -> None:
             proc.kill()
         proc.wait(TIMEOUT)
     child = int(pid_file.read_text())
-    deadline = time.monotonic() + TIMEOUT
-    while os.path.exists(f"/proc/{child}") and not _zombie(child):
-        assert time.monotonic() < deadline, "the filter outlived its killed parent"
-        time.sleep(0.01)
+    wait_for(
+        lambda: not os.path.exists(f"/proc/{child}") or _zombie(child),
+        "the filter to die with its killed parent",
+        TIMEOUT,
+    )
     # The dead updater's marker is stale: the next update goes through.
     assert atomic_json_update(target, lambda d: {"n": 1}, timeout=30) == {"n": 1}
     assert_clean(target, "filter.pid")

@@ -21,6 +21,19 @@ from htmlgraph import batch as batch_mod
 from htmlgraph.batch import HIDDEN_DIR, AtomicBatch
 
 CRASH_EXIT = 77
+# The protocol steps (_step hooks) of the standard batch: four writes and a delete
+# make five "apply-op" steps (docs/batch.md).
+COMMIT_STEPS = [
+    "locked",
+    "journal-written",
+    "staged-durable",
+    "journal-renamed",
+    "committed",
+    *["apply-op"] * 5,
+    "applied",
+    "synced",
+    "retired",
+]
 
 
 def tree(root: str | os.PathLike[str]) -> dict[str, bytes]:
