@@ -102,6 +102,22 @@ def hostname() -> str:
     return socket.gethostname()
 
 
+# What a platform without the feature answers (Windows; POSIX other than Linux).
+def _never_a_zombie(pid: int) -> bool:
+    """Return False: no cheap process state here; liveness is judged by existence."""
+    return False
+
+
+def _no_pid_namespace() -> str | None:
+    """Return None: no pid namespaces here."""
+    return None
+
+
+def _no_syncfs(fd: int) -> None:
+    """Raise ENOSYS: no syncfs here."""
+    raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+
+
 if sys.platform == "win32":
     import ctypes
     from ctypes import wintypes
@@ -210,19 +226,11 @@ if sys.platform == "win32":
         except ValueError:
             return None
 
-    def pid_is_zombie(pid: int) -> bool:
-        """Return False: an exited Windows process is not STILL_ACTIVE (see pid_exists)."""
-        return False
-
-    def pid_namespace() -> str | None:
-        """Return None: Windows has no pid namespaces."""
-        return None
-
+    # An exited Windows process is not STILL_ACTIVE (see pid_exists).
+    pid_is_zombie = _never_a_zombie
+    pid_namespace = _no_pid_namespace
     HAS_SYNCFS = False
-
-    def syncfs(fd: int) -> None:
-        """Raise ENOSYS: Windows has no syncfs."""
-        raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+    syncfs = _no_syncfs
 
 else:
     import fcntl
@@ -520,16 +528,7 @@ else:
             """Return None: there are no start tokens here."""
             return None
 
-        def pid_is_zombie(pid: int) -> bool:
-            """Return False: no cheap process state here."""
-            return False
-
-        def pid_namespace() -> str | None:
-            """Return None: no pid namespaces here."""
-            return None
-
+        pid_is_zombie = _never_a_zombie
+        pid_namespace = _no_pid_namespace
         HAS_SYNCFS = False
-
-        def syncfs(fd: int) -> None:
-            """Raise ENOSYS: no syncfs here."""
-            raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+        syncfs = _no_syncfs

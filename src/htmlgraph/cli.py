@@ -975,6 +975,22 @@ Run 'htmlgraph COMMAND --help' for a command's options; docs/cli.md has examples
 _Handler = Callable[[argparse.Namespace], int]
 
 
+_WAIT_HELP = "give up after S seconds with exit 75 (0: one attempt; default: wait forever)"
+_ROOT_WAIT_HELP = "seconds to wait for ROOT's lock (default 60)"
+
+
+def _add_no_fsync(sub: argparse.ArgumentParser, what: str = "atomic") -> None:
+    sub.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help=f"skip fsync ({what} against crashes, but not durable across power loss)",
+    )
+
+
+def _add_timeout(sub: argparse.ArgumentParser, default: float | None, help_text: str) -> None:
+    sub.add_argument("--timeout", type=_non_negative, default=default, metavar="S", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``htmlgraph`` argument parser (used by :func:`main` and the docs)."""
     common = _Parser(add_help=False)
@@ -1030,11 +1046,7 @@ def build_parser() -> argparse.ArgumentParser:
         "                       FILE [-- CMD ARGS...]",
     )
     write.add_argument("file", metavar="FILE", help="the file to replace or create")
-    write.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="skip fsync (atomic against crashes, but not durable across power loss)",
-    )
+    _add_no_fsync(write)
     write.add_argument(
         "--mode",
         type=_octal_mode,
@@ -1069,13 +1081,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lock.add_argument("dir", metavar="DIR", help="the lock directory (created if missing)")
     lock.add_argument("--shared", action="store_true", help="take the shared (reader) lock")
-    lock.add_argument(
-        "--timeout",
-        type=_non_negative,
-        default=None,
-        metavar="S",
-        help="give up after S seconds with exit 75 (0: one attempt; default: wait forever)",
-    )
+    _add_timeout(lock, None, _WAIT_HELP)
     lock.add_argument(
         "command", nargs="*", metavar="-- CMD ARGS", help="the command to run, after '--'"
     )
@@ -1108,18 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the content to start from when FILE does not exist (default: exit 1)",
     )
-    update.add_argument(
-        "--timeout",
-        type=_non_negative,
-        default=None,
-        metavar="S",
-        help="give up after S seconds with exit 75 (0: one attempt; default: wait forever)",
-    )
-    update.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="skip fsync (atomic against crashes, but not durable across power loss)",
-    )
+    _add_timeout(update, None, _WAIT_HELP)
+    _add_no_fsync(update)
     update.add_argument(
         "command", nargs="*", metavar="-- CMD ARGS", help="the command to run, after '--'"
     )
@@ -1224,18 +1220,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--delete", action="store_true", help="also delete files under ROOT that SRC_DIR lacks"
     )
-    batch.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="skip fsync (all-or-nothing against crashes, not durable across power loss)",
-    )
-    batch.add_argument(
-        "--timeout",
-        type=_non_negative,
-        default=60.0,
-        metavar="S",
-        help="seconds to wait for ROOT's lock (default 60)",
-    )
+    _add_no_fsync(batch, "all-or-nothing")
+    _add_timeout(batch, 60.0, _ROOT_WAIT_HELP)
 
     recover_cmd = add(
         "recover",
@@ -1247,13 +1233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exit: 0 done, 1 error, 2 usage, 75 lock timeout.",
     )
     recover_cmd.add_argument("root", metavar="ROOT", help="the batch root")
-    recover_cmd.add_argument(
-        "--timeout",
-        type=_non_negative,
-        default=60.0,
-        metavar="S",
-        help="seconds to wait for ROOT's lock (default 60)",
-    )
+    _add_timeout(recover_cmd, 60.0, _ROOT_WAIT_HELP)
 
     sessions = add(
         "sessions",

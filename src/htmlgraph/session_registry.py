@@ -916,15 +916,10 @@ class SessionRegistry:
             ValueError: ``instance_id`` is not a str or is unsafe as a file name.
             LockTimeout: The registry lock was not acquired in time.
         """
-        _count("update_activity")
-        _check_id("instance id", instance_id)
-        if not self._exists():
-            return False
-        with self._exclusive():
-            state = self._scan_locked()
-            record = state.records.get(instance_id)
-            if record is None:
+        with self._active_record("update_activity", instance_id) as found:
+            if found is None:
                 return False
+            state, record = found
             updated = cast(SessionRecord, dict(record))
             updated["last_activity"] = _timestamp(_utcnow())
             self._write_record(instance_id, updated)
@@ -954,15 +949,10 @@ class SessionRegistry:
             ValueError: ``instance_id`` is not a str or is unsafe as a file name.
             LockTimeout: The registry lock was not acquired in time.
         """
-        _count("archive")
-        _check_id("instance id", instance_id)
-        if not self._exists():
-            return False
-        with self._exclusive():
-            state = self._scan_locked()
-            record = state.records.get(instance_id)
-            if record is None:
+        with self._active_record("archive", instance_id) as found:
+            if found is None:
                 return False
+            state = found[0]
             self._archive_locked(state, instance_id, "archived", _utcnow())
             self._write_index(state)
         logger.debug("archived instance %s", instance_id)
@@ -1198,6 +1188,25 @@ class SessionRegistry:
         except _CorruptFileError as exc:
             return None, f"it is corrupt ({exc})"
         return entries, None if current else "it is in the earlier format"
+
+    @contextmanager
+    def _active_record(
+        self, operation: str, instance_id: str
+    ) -> Iterator[tuple[_State, SessionRecord] | None]:
+        """Count ``operation``, check the id, and hold the exclusive lock over its record.
+
+        Yields the registry's state and the active record of ``instance_id``,
+        or None when there is no registry (then nothing is locked) or no such record.
+        """
+        _count(operation)
+        _check_id("instance id", instance_id)
+        if not self._exists():
+            yield None
+            return
+        with self._exclusive():
+            state = self._scan_locked()
+            record = state.records.get(instance_id)
+            yield None if record is None else (state, record)
 
     def _scan_locked(self) -> _State:
         """Read every active record (quarantining the unreadable) and bring the index in line.
