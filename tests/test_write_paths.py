@@ -90,7 +90,7 @@ def test_existing_mode_is_kept_with_fchmod_only_when_needed(
     assert target.read_text() == "new"
 
 
-def test_json_is_written_with_its_newline_and_no_copy(tmp_path: Path) -> None:
+def test_json_is_written_with_its_newline_in_one_write(tmp_path: Path) -> None:
     chunks: list[bytes] = []
     real_write_all = atomic_ops._write_all
 
@@ -102,7 +102,7 @@ def test_json_is_written_with_its_newline_and_no_copy(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(atomic_ops, "_write_all", spy)
         atomic_json_write(target, {"k": ["v", 1]}, indent=None)
-    assert chunks == [b'{"k": ["v", 1]}', b"\n"]
+    assert chunks == [b'{"k": ["v", 1]}\n']
     assert target.read_bytes() == b'{"k": ["v", 1]}\n'
 
 

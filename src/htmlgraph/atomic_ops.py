@@ -726,10 +726,11 @@ def atomic_json_write(
         raise TypeError(f"cannot write {text_path} as JSON: {exc}") from exc
     except ValueError as exc:
         raise ValueError(f"cannot write {text_path} as JSON: {exc}") from exc
+    text += "\n"  # one write() for the document and its newline
     encoded = text.encode("utf-8")  # a lone surrogate fails here, before the disk
     _write_chunks(
         text_path,
-        (encoded, b"\n"),
+        (encoded,),
         durable=durable,
         overwrite=overwrite,
         permissions=permissions,
