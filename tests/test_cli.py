@@ -759,6 +759,53 @@ def test_lock_signal_while_waiting_withdraws_claim(tmp_path: Path) -> None:
     assert listing(lock_dir) == []
 
 
+def ignore_sigint_sighup() -> None:
+    """As ``nohup`` and a shell's background job leave a child: SIGHUP and SIGINT ignored."""
+    default_sigint()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@posix_only
+@pytest.mark.parametrize("command", ["lock", "update"])
+def test_ignored_signals_stay_ignored_while_waiting(tmp_path: Path, command: str) -> None:
+    target = tmp_path / "state.txt"
+    target.write_text("old\n")
+    if command == "lock":
+        lock_dir = tmp_path / "locks"
+        args = ["lock", str(lock_dir), "--", sys.executable, "-c", "print('ran')"]
+    else:
+        lock_dir = tmp_path / ".state.txt.htmlgraph-lock"
+        args = ["update", str(target), "--", sys.executable, "-c", "print('new')"]
+    holder = DirectoryLocker(lock_dir)
+    assert holder.acquire_shared_lock(timeout=5)  # a waiting writer keeps its claim
+    try:
+        proc = start_cli(*args, preexec_fn=ignore_sigint_sighup)
+        try:
+            wait_for(lambda: len(listing(lock_dir)) == 2, "the waiting claim")
+            proc.send_signal(signal.SIGHUP)
+            proc.send_signal(signal.SIGINT)
+            # Still waiting, its claim in place, after both signals were handled.
+            time.sleep(0.3)
+            assert proc.poll() is None
+            assert len(listing(lock_dir)) == 2
+        except BaseException:
+            stop(proc)
+            raise
+    finally:
+        holder.release_lock()
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, err
+    if command == "lock":
+        assert out == b"ran\n"
+    else:
+        assert target.read_text() == "new\n"
+    assert listing(lock_dir) == []
+
+
 @linux_only
 def test_lock_sigkilled_takes_its_command_along(tmp_path: Path) -> None:
     lock_dir = tmp_path / "locks"

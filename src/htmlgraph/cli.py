@@ -472,11 +472,19 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 @contextlib.contextmanager
 def _forwarding_signals(forwarder: _Forwarder) -> Iterator[None]:
-    """Let ``forwarder`` handle SIGINT, SIGTERM and SIGHUP while the block runs."""
+    """Let ``forwarder`` handle SIGINT, SIGTERM and SIGHUP while the block runs.
+
+    A signal the caller ignores (``nohup``, a background job's SIGINT) stays
+    ignored: it neither gives up the wait for the lock nor reaches CMD, which
+    inherits the same ignored disposition.
+    """
     previous: dict[int, _SigHandler] = {}
     if _in_main_thread():
         for signum in (signal.SIGINT, *_TERMINATION_SIGNALS):
-            previous[signum] = signal.getsignal(signum)
+            old = signal.getsignal(signum)
+            if old is signal.SIG_IGN:
+                continue
+            previous[signum] = old
             signal.signal(signum, forwarder)
     try:
         yield
