@@ -480,6 +480,53 @@ class TestTimeouts:
         assert max(sleeps) > 0.002  # it backed off rather than spinning at 1 ms
         holder.release_lock()
 
+    def test_a_waiter_without_a_marker_starts_slow_and_polls_faster_as_it_ages(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A reader behind a stream of writers withdraws its marker each time;
+        # every hand-off (the marker it saw is gone) would reset its backoff,
+        # but a newcomer's floor keeps it slow at first (8 ms, then 4, 2, 1).
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        slept: list[float] = []
+
+        def hand_off(seconds: float) -> None:
+            slept.append(seconds)
+            holder.release_lock()
+            if len(slept) < 5:
+                assert holder.acquire_exclusive_lock(timeout=0)
+
+        monkeypatch.setattr(lockmod, "_sleep", hand_off)
+        waiter = DirectoryLocker(lock_dir)
+        assert waiter.acquire_shared_lock(timeout=5)
+        assert len(slept) == 5
+        ceilings = [0.008, 0.004, 0.002, 0.001, 0.001]
+        for seconds, ceiling in zip(slept, ceilings, strict=True):
+            assert ceiling / 2 <= seconds <= ceiling
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_a_standing_conflict_still_backs_off_to_the_cap(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        slept: list[float] = []
+
+        def record(seconds: float) -> None:
+            slept.append(seconds)
+            if len(slept) == 8:
+                holder.release_lock()
+
+        monkeypatch.setattr(lockmod, "_sleep", record)
+        waiter = DirectoryLocker(lock_dir)
+        assert waiter.acquire_exclusive_lock(timeout=5)
+        ceilings = [0.008, 0.016, 0.032, 0.05, 0.05, 0.05, 0.05, 0.05]
+        for seconds, ceiling in zip(slept, ceilings, strict=True):
+            assert ceiling / 2 <= seconds <= ceiling
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
     def test_negative_timeout_waits_without_limit(self, lock_dir: Path) -> None:
         holder = DirectoryLocker(lock_dir)
         assert holder.acquire_exclusive_lock()

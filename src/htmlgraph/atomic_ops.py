@@ -1241,8 +1241,11 @@ _PENDING_PREFIX = ".lock-pending-"
 # (Metcalfe & Boggs' Ethernet backoff; filelock's strict lock caps at 50 ms).
 _BACKOFF_FIRST = 0.001
 _BACKOFF_MAX = 0.05
-# The oldest waiting writer polls at most this many doubling steps (~4 ms).
-_HEAD_STEP = 2
+# The oldest waiting writer polls at most this many doubling steps (~2 ms).
+_HEAD_STEP = 1
+# A waiter without a marker sleeps at least this step on its first retry
+# (~8 ms), one step less on each retry after it (see _run).
+_NEWCOMER_STEP = 3
 # A regular marker whose record cannot be parsed is held for this long (by its
 # mtime) and then counts as stale. Our own markers are never unreadable (they
 # appear by rename with their record complete), so this only delays the
@@ -1726,6 +1729,12 @@ class DirectoryLocker:
                 # overtake us, and the holders' release is ours to catch
                 # quickly; only those behind us back off towards the cap.
                 step = min(step, _HEAD_STEP)
+            else:
+                # Waiting without a marker: a newcomer starts slow and polls
+                # faster as it ages, so the longest waiter is the likeliest to
+                # see a release first, and the newcomers do not take the CPU
+                # the holder needs (a hand-off resets only the older ones).
+                step = max(step, _NEWCOMER_STEP - attempt)
             last_view = self._view
             delay = _backoff(step)
             if deadline is not None:
