@@ -163,11 +163,14 @@ class _PathTypeError(TypeError, ValueError):
 
 def _check_path(path: object, what: str = "path") -> str:
     """Return ``path`` as a ``str``; raise ValueError (also a TypeError for a wrong type)."""
-    if not isinstance(path, (str, os.PathLike)):
+    if isinstance(path, str):
+        text = path
+    elif isinstance(path, os.PathLike):
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            raise _PathTypeError(f"{what} must be str or os.PathLike[str], not bytes: {text!r}")
+    else:
         raise _PathTypeError(f"{what} must be str or os.PathLike[str], not {type(path).__name__}")
-    text = os.fspath(cast("str | os.PathLike[str]", path))
-    if not isinstance(text, str):
-        raise _PathTypeError(f"{what} must be str or os.PathLike[str], not bytes: {text!r}")
     if not text:
         raise ValueError(f"{what} must not be empty")
     if "\0" in text:
