@@ -1246,6 +1246,16 @@ _HEAD_STEP = 1
 # A waiter without a marker sleeps at least this step on its first retry
 # (~8 ms), one step less on each retry after it (see _run).
 _NEWCOMER_STEP = 3
+# Bounded barging (Go's sync.Mutex "normal" and "starvation" modes): a writer
+# that has waited less than this is polite - after its first attempt it
+# publishes a claim only when a listing shows no live exclusive marker - so a
+# holder that releases and acquires again at once takes the lock back without
+# a hand-off. A writer that has waited this long claims its turn by ticket age
+# as before, and the barging holder's next acquire yields to it. Only *when*
+# a waiter publishes changes, never publish-then-scan.
+_POLITE_WAIT = 0.005
+# Experiment switch: polite writers also leave readers alone (see _attempt).
+_POLITE_TO_READERS = False
 # A regular marker whose record cannot be parsed is held for this long (by its
 # mtime) and then counts as stale. Our own markers are never unreadable (they
 # appear by rename with their record complete), so this only delays the
@@ -1287,6 +1297,7 @@ def _count_stale(reason: StaleReason) -> None:
 # Seams: the lock calls these by their module-level names, so tests can
 # slow it down, hide a marker or refuse a removal.
 _sleep: Callable[[float], None] = time.sleep
+_monotonic: Callable[[], float] = time.monotonic  # a waiter's age (politeness), not deadlines
 _listdir: Callable[[str], list[str]] = os.listdir
 _unlink: Callable[[str], None] = _platform.unlink
 
@@ -1704,11 +1715,13 @@ class DirectoryLocker:
     def _run(self, mode: LockMode, deadline: float | None) -> bool:
         """Run the marker protocol until the lock is held (True) or the deadline passes."""
         ticket_time = f"{time.time_ns():020d}"  # fixed for this call: age priority
+        started = _monotonic()
         attempt = 0
         step = 0  # backoff step; back to the first when a marker we saw is gone
         last_view: frozenset[str] = frozenset()
         while True:
-            if self._attempt(mode, ticket_time, first=attempt == 0):
+            polite = _monotonic() - started < _POLITE_WAIT
+            if self._attempt(mode, ticket_time, first=attempt == 0, polite=polite):
                 claim = self._in_dir + cast(str, self._claim)
                 with self._guard:  # the claim becomes the hold
                     self._marker, self._mode, self._depth = claim, mode, 1
@@ -1742,13 +1755,16 @@ class DirectoryLocker:
             _sleep(delay)
             attempt += 1
 
-    def _attempt(self, mode: LockMode, ticket_time: str, *, first: bool) -> bool:
+    def _attempt(self, mode: LockMode, ticket_time: str, *, first: bool, polite: bool) -> bool:
         """Make one attempt; return whether the lock is now held (by ``self._claim``).
 
         The first attempt publishes at once: an uncontended acquire then costs
         one publish and one scan, and a directory we cannot write fails at
         once. Later attempts publish only if a scan shows no conflict, so that
-        waiters do not churn markers (test-and-test-and-set).
+        waiters do not churn markers (test-and-test-and-set). A ``polite``
+        writer (one that has waited less than ``_POLITE_WAIT``) counts every
+        live exclusive marker as a conflict, younger ones too, so it never
+        claims a turn behind a holder that keeps re-acquiring.
         """
         if mode == "shared":
             if not first and self._readers_blocked(self._scan(None)):
@@ -1758,15 +1774,24 @@ class DirectoryLocker:
                 return True
             self._withdraw()  # a writer is waiting or holding: it goes first
             return False
-        if (
-            self._claim is None
-            and not first
-            and self._writer_verdict(self._scan(None), ticket_time) == "yield"
-        ):
-            return False
+        claimed = self._claim is not None
+        if not claimed and not first:
+            scan = self._scan(None)
+            if polite:
+                if self._busy(scan, readers=_POLITE_TO_READERS):
+                    return False
+            elif self._writer_verdict(scan, ticket_time) == "yield":
+                return False
         claim = self._claim or self._publish("exclusive", lambda: ticket_time + _random_token(4))
-        verdict = self._writer_verdict(self._scan(claim), _ticket(claim))
-        if verdict == "yield":
+        scan = self._scan(claim)
+        verdict = self._writer_verdict(scan, _ticket(claim))
+        if verdict == "yield" or (
+            verdict == "wait"
+            and polite
+            and not claimed
+            and _POLITE_TO_READERS
+            and self._busy(scan, readers=True)
+        ):
             self._withdraw()
             return False
         # "wait": we are the oldest visible claimant; keep the marker (new
@@ -1779,6 +1804,14 @@ class DirectoryLocker:
         if scan is None:
             return True
         return any(self._live(name, "exclusive") for name in scan[1])
+
+    def _busy(self, scan: tuple[list[str], list[str]] | None, *, readers: bool) -> bool:
+        """Return whether ``scan`` shows a live exclusive marker (or, if ``readers``, any)."""
+        if scan is None:
+            return True
+        if any(self._live(name, "exclusive") for name in scan[1]):
+            return True
+        return readers and any(self._live(name, "shared") for name in scan[0])
 
     def _writer_verdict(self, scan: tuple[list[str], list[str]] | None, ticket: str) -> _Verdict:
         """Say whether a writer holding ``ticket`` may hold, must wait, or must yield."""
