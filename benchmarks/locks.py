@@ -295,7 +295,7 @@ def _merge(a: Throughput | None, b: Throughput) -> Throughput:
 
 def sweep_polite(
     base: Path,
-    thresholds_ms: list[float],
+    thresholds_ms: list[float | str],
     peers: list[str],
     mixes: tuple[int, ...] = (0, 50, 95),
     duration: float = 1.5,
@@ -312,7 +312,9 @@ def sweep_polite(
     """
     lockmod = importlib.import_module("htmlgraph.atomic_ops")
     saved = lockmod._POLITE_WAIT
-    contenders = [f"X={x:g} ms" for x in thresholds_ms] + peers
+    saved_extra: dict[str, object] = {}
+    contenders = [f"X={x}" if isinstance(x, str) else f"X={x:g} ms" for x in thresholds_ms]
+    contenders += peers
     acc: dict[tuple[str, int], Throughput] = {}
     seed = 5000
     try:
@@ -323,13 +325,23 @@ def sweep_polite(
                     seed += 100
                     lib = name
                     if name.startswith("X="):
-                        lockmod._POLITE_WAIT = float(name[2:].split()[0]) / 1000
+                        # "X=20 ms" or "X=20 ms, NAME=VALUE, ...": other module constants.
+                        head, *patches = name.split(", ")
+                        for k, v in saved_extra.items():
+                            setattr(lockmod, k, v)
+                        lockmod._POLITE_WAIT = float(head[2:].split()[0]) / 1000
+                        for patch in patches:
+                            k, v = patch.split("=")
+                            saved_extra.setdefault(k, getattr(lockmod, k))
+                            setattr(lockmod, k, type(getattr(lockmod, k))(eval(v)))  # noqa: S307
                         lib = "htmlgraph DirectoryLocker"
                     t = _run_throughput(lib, base, mix, procs, duration, seed)
                     acc[(name, mix)] = _merge(acc.get((name, mix)), t)
                     log(f"  round {rnd} {mix:2d}% {name}: {t.ops_per_s:,.0f} ops/s")
     finally:
         lockmod._POLITE_WAIT = saved
+        for k, v in saved_extra.items():
+            setattr(lockmod, k, v)
     headers = ["contender"]
     for mix in mixes:
         headers += [f"ops/s {mix}%", f"fair {mix}%", f"wait p50/p99/max {mix}% (ms)"]
@@ -358,7 +370,9 @@ def sweep_polite(
 def main(argv: list[str] | None = None) -> None:
     """``python -m benchmarks.locks --polite 0,2,5,10,20``: the politeness sweep."""
     parser = argparse.ArgumentParser(description="lock throughput against the barging threshold")
-    parser.add_argument("--polite", default="0,2,5,10,20", help="thresholds X in ms, commas")
+    parser.add_argument(
+        "--polite", default="0,2,5,10,20", help="thresholds X in ms, ';' (e.g. '20 ms, _K=1')"
+    )
     parser.add_argument("--mixes", default="0,50,95", help="read shares in percent, commas")
     parser.add_argument("--seconds", type=float, default=1.5, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per cell")
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             sweep_polite(
                 Path(d),
-                [float(x) for x in args.polite.split(",")],
+                [x.strip() if "ms" in x else float(x) for x in args.polite.split(";")],
                 peers,
                 tuple(int(m) for m in args.mixes.split(",")),
                 args.seconds,
