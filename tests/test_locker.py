@@ -511,6 +511,9 @@ class TestTimeouts:
     def test_a_standing_conflict_still_backs_off_to_the_cap(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        # A writer past its politeness (bounded barging, _POLITE_WAIT; the
+        # polite start of the schedule is the next test's).
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 0.0)
         holder = DirectoryLocker(lock_dir)
         assert holder.acquire_exclusive_lock()
         slept: list[float] = []
@@ -525,6 +528,33 @@ class TestTimeouts:
         assert waiter.acquire_exclusive_lock(timeout=5)
         ceilings = [0.008, 0.016, 0.032, 0.05, 0.05, 0.05, 0.05, 0.05]
         for seconds, ceiling in zip(slept, ceilings, strict=True):
+            assert ceiling / 2 <= seconds <= ceiling
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_a_polite_writer_wakes_when_its_politeness_ends_then_backs_off(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Young: slow, no reset, the last sleep ends at X exactly; then the cap as above."""
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 0.01)
+        now = [0.0]
+        monkeypatch.setattr(lockmod, "_monotonic", lambda: now[0])
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        slept: list[float] = []
+
+        def record(seconds: float) -> None:
+            slept.append(seconds)
+            now[0] += seconds + 1e-9
+            if len(slept) == 6:
+                holder.release_lock()
+
+        monkeypatch.setattr(lockmod, "_sleep", record)
+        waiter = DirectoryLocker(lock_dir)
+        assert waiter.acquire_exclusive_lock(timeout=5)
+        assert 0.004 <= slept[0] <= 0.008  # the newcomer's floor
+        assert slept[0] + slept[1] == pytest.approx(0.01, abs=1e-8)  # woke at X, not later
+        for seconds, ceiling in zip(slept[2:], [0.032, 0.05, 0.05, 0.05], strict=True):
             assert ceiling / 2 <= seconds <= ceiling
         waiter.release_lock()
         assert markers(lock_dir) == []
@@ -1595,7 +1625,9 @@ if sys.platform != "win32":  # fork, signals, uids: POSIX only
                 assert report["n_leaks"] == 0, report["leaks"]
                 assert report["final"] == []
                 # The faults were hit: many interrupts, landing all over the lock's code.
-                assert report["raised"] >= iterations // 4
+                # (At least a fifth of the calls: how many land depends on how long
+                # the calls last, which the rival and the machine's load decide.)
+                assert report["raised"] >= iterations // 5
                 assert len([w for w in report["landed"] if w.startswith("atomic_ops.py:")]) >= 3
                 assert report["acquired"] > 0
                 assert victim.is_alive()  # its markers would count as held if any were left

@@ -1461,9 +1461,11 @@ class DirectoryLocker:
     one process (each instance is its own owner; threads sharing an instance
     take turns). It is advisory: only code that takes the lock is excluded.
     A waiting writer stops new readers (writers cannot starve; readers can,
-    under an unbroken stream of writers) and the oldest waiting writer goes
-    first. A marker left by a crashed holder is broken only on proof of death
-    (same host and pid namespace, and the pid is gone, a zombie, or reused).
+    under an unbroken stream of writers); among writers that have waited
+    10 ms or more the oldest goes first, and a younger one leaves the lock to
+    a holder that releases and acquires again at once (bounded barging). A
+    marker left by a crashed holder is broken only on proof of death (same
+    host and pid namespace, and the pid is gone, a zombie, or reused).
     Nothing here is durable: markers are not fsynced, and a reboot kills
     every holder anyway. A ``KeyboardInterrupt`` arriving inside an acquire
     or a release leaves no marker of this instance behind.
