@@ -1784,7 +1784,7 @@ class DirectoryLocker:
             self._withdraw()  # a writer is waiting or holding: it goes first
             return False
         if self._claim is None and not first:
-            scan = cast(tuple[list[str], list[str]], self._scan(None))  # None only with ``mine``
+            scan = self._scan(None) or ([], [])  # (None only when ``mine`` is missing)
             if polite:
                 # Any live writer, younger ones too (a holder that came back):
                 # leave it the lock. Readers do not stop us (writer preference).
