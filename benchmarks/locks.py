@@ -10,6 +10,7 @@ The contenders themselves are built in ``_lockers``.
 from __future__ import annotations
 
 import argparse
+import ast
 import fcntl
 import importlib
 import math
@@ -333,7 +334,7 @@ def sweep_polite(
                         for patch in patches:
                             k, v = patch.split("=")
                             saved_extra.setdefault(k, getattr(lockmod, k))
-                            setattr(lockmod, k, type(getattr(lockmod, k))(eval(v)))  # noqa: S307
+                            setattr(lockmod, k, type(getattr(lockmod, k))(ast.literal_eval(v)))
                         lib = "htmlgraph DirectoryLocker"
                     t = _run_throughput(lib, base, mix, procs, duration, seed)
                     acc[(name, mix)] = _merge(acc.get((name, mix)), t)
