@@ -9,14 +9,19 @@ The contenders themselves are built in ``_lockers``.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import fcntl
+import importlib
+import math
 import multiprocessing as mp
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -100,17 +105,19 @@ def _throughput_worker(
     read_pct: int,
     duration: float,
     barrier: Barrier,
-    results: Queue[tuple[int, int, int]],
+    results: Queue[tuple[int, int, int, list[float]]],
     seed: int,
 ) -> None:
     pair = make_lock(lib, lock_dir)
     rng = random.Random(seed)
     reads = writes = torn = 0
+    waits: list[float] = []  # each acquisition's wait, seconds
     barrier.wait(timeout=120)
     deadline = time.monotonic() + duration
-    while time.monotonic() < deadline:
+    while (asked := time.monotonic()) < deadline:
         if rng.random() * 100 < read_pct:
             pair.acquire_shared()
+            waits.append(time.monotonic() - asked)
             try:
                 with open(counter, encoding="ascii") as f:
                     if not f.read().strip():
@@ -120,6 +127,7 @@ def _throughput_worker(
             reads += 1
         else:
             pair.acquire_exclusive()
+            waits.append(time.monotonic() - asked)
             try:
                 # Read-modify-write in place (truncate, then write): a lost update
                 # or a torn read shows any failure of mutual exclusion.
@@ -131,7 +139,7 @@ def _throughput_worker(
             finally:
                 pair.release_exclusive()
             writes += 1
-    results.put((reads, writes, torn))
+    results.put((reads, writes, torn, waits))
 
 
 @dataclass
@@ -145,6 +153,12 @@ class Throughput:
     lost_updates: int
     torn_reads: int
     per_process: list[int]
+    waits: list[float] = field(default_factory=list)
+
+    def wait_quantile(self, q: float) -> float:
+        """The ``q`` quantile (0..1) of the acquisitions' waits, seconds (nearest rank)."""
+        ordered = sorted(self.waits)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
 
     @property
     def ops_per_s(self) -> float:
@@ -188,7 +202,10 @@ def _run_throughput(
     final = int(counter.read_text(encoding="ascii") or "0")
     shutil.rmtree(run_dir)
     per_process = sorted(g[0] + g[1] for g in got)
-    return Throughput(lib, read_pct, reads + writes, duration, writes - final, torn, per_process)
+    waits = [w for g in got for w in g[3]]
+    return Throughput(
+        lib, read_pct, reads + writes, duration, writes - final, torn, per_process, waits
+    )
 
 
 def bench_throughput(
@@ -222,6 +239,7 @@ def bench_throughput(
                         prev.lost_updates + t.lost_updates,
                         prev.torn_reads + t.torn_reads,
                         [a + b for a, b in zip(prev.per_process, t.per_process, strict=True)],
+                        prev.waits + t.waits,
                     )
                 acc[(lib, mix)] = t
     rows = []
@@ -254,3 +272,131 @@ def bench_throughput(
         "the best served one at 0 % reads (1.00 = even; near 0 = some processes starve)."
     )
     return table, list(acc.values())
+
+
+# --- bounded barging: the politeness threshold swept (issue 13, third attempt) ---------
+
+
+def _merge(a: Throughput | None, b: Throughput) -> Throughput:
+    if a is None:
+        return b
+    return Throughput(
+        b.lib,
+        b.read_pct,
+        a.ops + b.ops,
+        a.seconds + b.seconds,
+        a.lost_updates + b.lost_updates,
+        a.torn_reads + b.torn_reads,
+        # Processes are matched by rank (least served with least served): the
+        # fairness of the sum is then the fairness over the whole cell.
+        [x + y for x, y in zip(a.per_process, b.per_process, strict=True)],
+        a.waits + b.waits,
+    )
+
+
+def sweep_polite(
+    base: Path,
+    thresholds_ms: list[float | str],
+    peers: list[str],
+    mixes: tuple[int, ...] = (0, 50, 95),
+    duration: float = 1.5,
+    rounds: int = 2,
+    procs: int = 8,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Our lock at each politeness threshold X beside ``peers``, interleaved round by round.
+
+    X is set on ``atomic_ops._POLITE_WAIT`` in this process before the
+    workers fork, so they inherit it (X = 0 is the lock without barging).
+    Returns a Markdown table: ops/s, fairness (least / best served process
+    over the whole cell) and the p50/p99/max wait of one acquisition.
+    """
+    lockmod = importlib.import_module("htmlgraph.atomic_ops")
+    saved = lockmod._POLITE_WAIT
+    saved_extra: dict[str, object] = {}
+    contenders = [f"X={x}" if isinstance(x, str) else f"X={x:g} ms" for x in thresholds_ms]
+    contenders += peers
+    acc: dict[tuple[str, int], Throughput] = {}
+    seed = 5000
+    try:
+        for rnd in range(rounds):
+            for mix in mixes:
+                k = rnd % len(contenders)
+                for name in contenders[k:] + contenders[:k]:
+                    seed += 100
+                    lib = name
+                    if name.startswith("X="):
+                        # "X=20 ms" or "X=20 ms, NAME=VALUE, ...": other module constants.
+                        head, *patches = name.split(", ")
+                        for k, v in saved_extra.items():
+                            setattr(lockmod, k, v)
+                        lockmod._POLITE_WAIT = float(head[2:].split()[0]) / 1000
+                        for patch in patches:
+                            k, v = patch.split("=")
+                            saved_extra.setdefault(k, getattr(lockmod, k))
+                            setattr(lockmod, k, type(getattr(lockmod, k))(ast.literal_eval(v)))
+                        lib = "htmlgraph DirectoryLocker"
+                    t = _run_throughput(lib, base, mix, procs, duration, seed)
+                    acc[(name, mix)] = _merge(acc.get((name, mix)), t)
+                    log(f"  round {rnd} {mix:2d}% {name}: {t.ops_per_s:,.0f} ops/s")
+    finally:
+        lockmod._POLITE_WAIT = saved
+        for k, v in saved_extra.items():
+            setattr(lockmod, k, v)
+    headers = ["contender"]
+    for mix in mixes:
+        headers += [f"ops/s {mix}%", f"fair {mix}%", f"wait p50/p99/max {mix}% (ms)"]
+    headers.append("violations")
+    rows = []
+    for name in contenders:
+        row = [name]
+        bad = 0
+        for mix in mixes:
+            t = acc[(name, mix)]
+            bad += t.lost_updates + t.torn_reads
+            row += [
+                f"{t.ops_per_s:,.0f}",
+                f"{t.fairness:.2f}",
+                "/".join(f"{t.wait_quantile(q) * 1000:.1f}" for q in (0.5, 0.99))
+                + f"/{max(t.waits, default=math.nan) * 1000:.0f}",
+            ]
+        row.append(str(bad))
+        rows.append(row)
+    return (
+        f"{procs} processes, {duration * rounds:g} s per cell ({rounds} rounds x {duration:g} s, "
+        "contenders interleaved)\n\n" + md_table(headers, rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.locks --polite 0,2,5,10,20``: the politeness sweep."""
+    parser = argparse.ArgumentParser(description="lock throughput against the barging threshold")
+    parser.add_argument(
+        "--polite", default="0,2,5,10,20", help="thresholds X in ms, ';' (e.g. '20 ms, _K=1')"
+    )
+    parser.add_argument("--mixes", default="0,50,95", help="read shares in percent, commas")
+    parser.add_argument("--seconds", type=float, default=1.5, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per cell")
+    parser.add_argument("--procs", type=int, default=8)
+    parser.add_argument("--peers", default="", help="peer libraries, commas ('all': every one)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to run (default: $TMPDIR)")
+    args = parser.parse_args(argv)
+    peers = [p for p in available_libs() if p != "htmlgraph DirectoryLocker"]
+    if args.peers != "all":
+        peers = [p for p in peers if p in args.peers.split(",")]
+    with tempfile.TemporaryDirectory(prefix="htmlgraph-polite-", dir=args.dir) as d:
+        print(
+            sweep_polite(
+                Path(d),
+                [x.strip() if "ms" in x else float(x) for x in args.polite.split(";")],
+                peers,
+                tuple(int(m) for m in args.mixes.split(",")),
+                args.seconds,
+                args.rounds,
+                args.procs,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

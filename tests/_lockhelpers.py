@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
+import multiprocessing.sharedctypes
 import multiprocessing.synchronize
 import os
 import random
@@ -294,6 +295,24 @@ def continuous_reader(
             locker.release_lock()
     with open(out, "w") as f:
         f.write(str(holds))
+
+
+def barging_holder(
+    lock_dir: str,
+    holds: multiprocessing.sharedctypes.Synchronized[int],
+    stop: multiprocessing.synchronize.Event,
+) -> None:
+    """Take the exclusive lock again the moment it is released, until ``stop``.
+
+    The holder a waiter has to get past: no pause between its holds, so a
+    polite waiter never sees the lock free. Counts its holds in ``holds``.
+    """
+    locker = DirectoryLocker(lock_dir)
+    while not stop.is_set():
+        if locker.acquire_exclusive_lock(60):
+            with holds.get_lock():
+                holds.value += 1
+            locker.release_lock()
 
 
 if sys.platform != "win32":

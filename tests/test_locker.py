@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 from _helpers import dead_pid, mp_context, wait_for
 from _lockhelpers import (
     acquire_once,
+    barging_holder,
     contender,
     continuous_reader,
     hold_then_release,
@@ -509,6 +511,9 @@ class TestTimeouts:
     def test_a_standing_conflict_still_backs_off_to_the_cap(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        # A writer past its politeness (bounded barging, _POLITE_WAIT; the
+        # polite start of the schedule is the next test's).
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 0.0)
         holder = DirectoryLocker(lock_dir)
         assert holder.acquire_exclusive_lock()
         slept: list[float] = []
@@ -523,6 +528,33 @@ class TestTimeouts:
         assert waiter.acquire_exclusive_lock(timeout=5)
         ceilings = [0.008, 0.016, 0.032, 0.05, 0.05, 0.05, 0.05, 0.05]
         for seconds, ceiling in zip(slept, ceilings, strict=True):
+            assert ceiling / 2 <= seconds <= ceiling
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_a_polite_writer_wakes_when_its_politeness_ends_then_backs_off(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Young: slow, no reset, the last sleep ends at X exactly; then the cap as above."""
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 0.01)
+        now = [0.0]
+        monkeypatch.setattr(lockmod, "_monotonic", lambda: now[0])
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock()
+        slept: list[float] = []
+
+        def record(seconds: float) -> None:
+            slept.append(seconds)
+            now[0] += seconds + 1e-9
+            if len(slept) == 6:
+                holder.release_lock()
+
+        monkeypatch.setattr(lockmod, "_sleep", record)
+        waiter = DirectoryLocker(lock_dir)
+        assert waiter.acquire_exclusive_lock(timeout=5)
+        assert 0.004 <= slept[0] <= 0.008  # the newcomer's floor
+        assert slept[0] + slept[1] == pytest.approx(0.01, abs=1e-8)  # woke at X, not later
+        for seconds, ceiling in zip(slept[2:], [0.032, 0.05, 0.05, 0.05], strict=True):
             assert ceiling / 2 <= seconds <= ceiling
         waiter.release_lock()
         assert markers(lock_dir) == []
@@ -822,6 +854,195 @@ class TestFairness:
         assert seen
         assert all(len(listing) == 2 and younger.name in listing for listing in seen)
         assert markers(lock_dir) == [younger.name]  # withdrawn at the timeout
+
+
+class TestBarging:
+    """Bounded barging: a young writer leaves a returning holder the lock, up to _POLITE_WAIT."""
+
+    @staticmethod
+    def fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+        """The waiters' age clock, advanced only by their own (fake) sleeps."""
+        now = [0.0]
+        monkeypatch.setattr(lockmod, "_monotonic", lambda: now[0])
+        return now
+
+    @needs_proc
+    def test_a_young_waiter_lets_the_holder_take_the_lock_back(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 3600.0)  # young for the whole test
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock(timeout=0)
+        waiter = DirectoryLocker(lock_dir)
+        listings: list[list[str]] = []
+        barges: list[bool] = []
+
+        def between_polls(seconds: float) -> None:
+            # The waiter is asleep: the holder releases and comes straight back.
+            listings.append(markers(lock_dir))
+            holder.release_lock()
+            if len(barges) < 20:
+                barges.append(holder.acquire_exclusive_lock(timeout=0))
+
+        monkeypatch.setattr(lockmod, "_sleep", between_polls)
+        assert waiter.acquire_exclusive_lock(timeout=60)
+        # Every barge succeeded: the waiter never published while the holder was
+        # there, so each listing between its polls shows the holder's marker alone.
+        assert barges == [True] * 20
+        assert len(listings) == 21
+        assert all(len(listing) == 1 for listing in listings)
+        assert waiter.exclusive_lock_path.name not in {n for ls in listings for n in ls}
+        assert markers(lock_dir) == [waiter.exclusive_lock_path.name]
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    @needs_proc
+    def test_without_politeness_the_waiter_claims_its_turn_at_once(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """_POLITE_WAIT = 0 is the strict hand-off: the second barge already fails."""
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 0.0)
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock(timeout=0)
+        waiter = DirectoryLocker(lock_dir)
+        barges: list[bool] = []
+
+        def between_polls(seconds: float) -> None:
+            holder.release_lock()
+            if len(barges) < 20:
+                barges.append(holder.acquire_exclusive_lock(timeout=0))
+
+        monkeypatch.setattr(lockmod, "_sleep", between_polls)
+        assert waiter.acquire_exclusive_lock(timeout=60)
+        assert barges == [True, False]  # claimed its turn at its second attempt
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    @needs_proc
+    @pytest.mark.parametrize("x", [0.002, 0.01, 0.05])
+    def test_a_waiter_past_the_threshold_claims_and_goes_next(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch, x: float
+    ) -> None:
+        """Barges succeed while the waiter is young; at X it claims, the next barge yields."""
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", x)
+        now = self.fake_clock(monkeypatch)
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock(timeout=0)
+        waiter = DirectoryLocker(lock_dir)
+        start = now[0]  # the waiter's age counts from here (no sleep before its first try)
+        log: list[tuple[float, bool, int]] = []  # (waiter's age, barge won, markers listed)
+
+        def between_polls(seconds: float) -> None:
+            now[0] += seconds + 1e-9  # a real sleep never ends early
+            listed = len(markers(lock_dir))
+            holder.release_lock()
+            won = holder.acquire_exclusive_lock(timeout=0)
+            log.append((now[0] - start, won, listed))
+            if not won:  # the waiter claimed its turn: the holder goes away
+                monkeypatch.setattr(lockmod, "_sleep", lambda s: pytest.fail("slept again"))
+
+        monkeypatch.setattr(lockmod, "_sleep", between_polls)
+        assert waiter.acquire_exclusive_lock(timeout=60)
+        ages = [age for age, won, _ in log if won]
+        lost = [(age, listed) for age, won, listed in log if not won]
+        assert len(lost) == 1, log
+        # Young: every barge won. Once its age reached X, one poll published the
+        # claim (two markers listed), and the holder's very next acquire yielded.
+        assert ages, log
+        assert all(age < x for age in ages[:-1]), log
+        assert x <= lost[0][0] < x + lockmod._BACKOFF_FIRST * 2**lockmod._HEAD_STEP, log
+        assert lost[0][1] == 2
+        assert all(listed == 1 for _, won, listed in log if won)
+        # It slept no later than its politeness ran out: the last sleep before the
+        # claim ended exactly at X (the sleep is capped at the time left).
+        assert any(abs(age - x) < 1e-6 for age in ages), log
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_a_young_writer_still_stops_new_readers(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Politeness is towards writers only: readers holding do not keep a writer polite."""
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 3600.0)
+        reader = DirectoryLocker(lock_dir)
+        assert reader.acquire_shared_lock(timeout=0)
+        writer = DirectoryLocker(lock_dir)
+        late = DirectoryLocker(lock_dir)
+        late_got: list[bool] = []
+
+        def between_polls(seconds: float) -> None:
+            assert any(n.startswith(".lock-exclusive-") for n in markers(lock_dir))
+            late_got.append(late.acquire_shared_lock(timeout=0))
+            if len(late_got) == 3:
+                reader.release_lock()
+
+        monkeypatch.setattr(lockmod, "_sleep", between_polls)
+        assert writer.acquire_exclusive_lock(timeout=60)
+        assert late_got == [False, False, False]  # the young writer's claim stopped them
+        writer.release_lock()
+        assert markers(lock_dir) == []
+
+    def test_readers_do_not_barge_past_an_old_writer(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 0.01)
+        now = self.fake_clock(monkeypatch)
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock(timeout=0)
+        writer = DirectoryLocker(lock_dir)
+        reader = DirectoryLocker(lock_dir)
+        reads: list[bool] = []
+
+        def between_polls(seconds: float) -> None:
+            now[0] += seconds + 1e-9
+            holder.release_lock()
+            got = reader.acquire_shared_lock(timeout=0)
+            reads.append(got)
+            if got:
+                reader.release_lock()
+            if holder.acquire_exclusive_lock(timeout=0) is False:
+                monkeypatch.setattr(lockmod, "_sleep", lambda s: None)
+
+        monkeypatch.setattr(lockmod, "_sleep", between_polls)
+        assert writer.acquire_exclusive_lock(timeout=60)
+        assert not reader.acquire_shared_lock(timeout=0)  # the writer holds
+        writer.release_lock()
+        # The young writer left the gaps to the reader; the old one's claim closed them.
+        assert reads[0] is True, reads
+        assert reads[-1] is False, reads
+        assert markers(lock_dir) == []
+
+    @needs_fork
+    def test_a_barging_process_cannot_starve_a_waiter(self, tmp_path: Path) -> None:
+        """Real processes: a holder that comes back at once; a waiter still gets in, each time."""
+        lock_dir = tmp_path / "locks"
+        ctx = mp_context()
+        holds, stop = ctx.Value("i", 0), ctx.Event()
+        holder = ctx.Process(target=barging_holder, args=(str(lock_dir), holds, stop))
+        holder.start()
+        got: list[bool] = []
+
+        def holds_reach(target: int) -> bool:
+            return bool(holds.value >= target)
+
+        try:
+            waiter = DirectoryLocker(lock_dir)
+            for _ in range(10):
+                # Arrive while the holder is in its stride (it held 3 times since).
+                wait_for(functools.partial(holds_reach, holds.value + 3), "the holder's holds")
+                got.append(waiter.acquire_exclusive_lock(timeout=60))
+                if got[-1]:
+                    waiter.release_lock()
+        finally:
+            stop.set()
+            holder.join(60)
+            if holder.is_alive():
+                holder.kill()
+                holder.join(30)
+        assert got == [True] * 10
+        assert holder.exitcode == 0
+        assert holds.value >= 30
+        assert markers(lock_dir) == []
 
 
 class TestStaleMarkers:
@@ -1404,7 +1625,9 @@ if sys.platform != "win32":  # fork, signals, uids: POSIX only
                 assert report["n_leaks"] == 0, report["leaks"]
                 assert report["final"] == []
                 # The faults were hit: many interrupts, landing all over the lock's code.
-                assert report["raised"] >= iterations // 4
+                # (At least a fifth of the calls: how many land depends on how long
+                # the calls last, which the rival and the machine's load decide.)
+                assert report["raised"] >= iterations // 5
                 assert len([w for w in report["landed"] if w.startswith("atomic_ops.py:")]) >= 3
                 assert report["acquired"] > 0
                 assert victim.is_alive()  # its markers would count as held if any were left
