@@ -59,7 +59,13 @@ from types import TracebackType
 from typing import IO, Literal, NamedTuple, Union, overload
 
 from htmlgraph import _identity, _platform, metrics
-from htmlgraph.atomic_ops import DirectoryLocker, LockTimeout, _check_path, _make_dirs
+from htmlgraph.atomic_ops import (
+    DirectoryLocker,
+    LockTimeout,
+    _check_path,
+    _make_dirs,
+    _remove_dirs,
+)
 
 __all__ = ["HIDDEN_DIR", "AtomicBatch", "RecoveryReport", "read_snapshot", "recover"]
 
@@ -473,7 +479,10 @@ def _remove_txn(txn: str) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rmdir(path)  # the usual case after a commit: already empty
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _owner_gone(name: str) -> bool:
@@ -1018,6 +1027,19 @@ class AtomicBatch:
             self.discard()
             self._state = "committed"
             return
+        # One operation needs no journal: one rename (or unlink) is atomic by
+        # itself (docs/batch.md, "A batch of one operation").
+        single = ops[0] if len(ops) == 1 else None
+        started = time.perf_counter()
+        if single is not None and single.kind == "write" and self.durable:
+            try:
+                # The staged data is private until the rename: make it durable
+                # before the lock, so the lock is held for less.
+                _sync_file_by_name(self._staged_path(single))
+            except BaseException:
+                self.discard()
+                raise
+            _step("one-durable")
         locker = _locker(self._root)
         try:
             if not locker.acquire_exclusive_lock(self.timeout):
@@ -1026,10 +1048,78 @@ class AtomicBatch:
             self.discard()
             raise
         try:
-            self._commit_locked()
+            if single is not None:
+                self._commit_one(single, started)
+            else:
+                self._commit_locked()
         finally:
             locker.release_lock()
             self._close_sync_fd()
+
+    def _staged_path(self, entry: _Entry) -> str:
+        if self._txn is None or entry.staged is None:  # every write is staged
+            raise RuntimeError(f"batch write of {entry.given!r} has no staged file")
+        return os.path.join(self._txn, entry.staged)
+
+    def _commit_one(self, entry: _Entry, started: float) -> None:
+        """Commit a batch of exactly one operation: no journal, one rename or unlink.
+
+        The caller holds the lock and (``durable``) has made a staged file
+        durable. Before the rename (or unlink) nothing under root changed and
+        an error discards the batch; after it the batch is committed, and an
+        error (a failed directory fsync) is raised with the change in place.
+        """
+        target = entry.target.path
+        directory = os.path.dirname(target)
+        applied = False
+        try:
+            _recover_locked(self._root, skip=self._txn)
+            _step("one-locked")
+            now = _lstat(target)
+            if now is not None and stat.S_ISDIR(now.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "batch path names a directory", entry.given)
+            dirs = {directory}
+            if entry.kind == "write":
+                staged = self._staged_path(entry)
+                created = _make_dirs(directory)
+                try:
+                    _replace(staged, target)
+                except BaseException:
+                    _remove_dirs(created)
+                    raise
+                # A created directory's own entry lives in its parent.
+                dirs.update(os.path.dirname(made) for made in created)
+            elif now is None:
+                if not entry.missing_ok:
+                    raise FileNotFoundError(
+                        errno.ENOENT, "batch delete of a missing file", entry.given
+                    )
+                dirs.clear()  # nothing to delete: nothing changed
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+            applied = True
+            self._state = "committed"
+            _step("one-applied")
+            if self.durable:
+                _run_parallel([functools.partial(_sync_dir, d) for d in sorted(dirs)])
+            _step("one-synced")
+        except BaseException:
+            if not applied:
+                self.discard()
+                raise
+            self._retire()
+            raise
+        self._retire()
+        _step("one-retired")
+        metrics.counter("htmlgraph_batch_commits_total").inc()
+        metrics.histogram("htmlgraph_batch_files").observe(1)
+        metrics.histogram("htmlgraph_batch_commit_seconds").observe(time.perf_counter() - started)
+
+    def _retire(self) -> None:
+        """Remove the (now empty) staging directory; no fsync needed (no journal)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def _commit_locked(self) -> None:
         started = time.perf_counter()
