@@ -28,6 +28,12 @@ Protocol (redo only; nothing in the tree changes before the commit point)::
     R3 (parallel): fsync(every directory touched, txn)
     unlink(journal), rmdir(txn); unlock
 
+One operation (no journal: one rename is atomic by itself)::
+
+    stage txn/0; fsync(txn/0); lock exclusive; recover
+    rename(txn/0, target) / unlink(target)                 <- commit point
+    fsync(target's directory, parents of created ones); rmdir(txn); unlock
+
 Recovery (under the exclusive lock, by whichever process comes first) rolls
 a committed journal forward - renaming only staged files that still exist,
 and skipping a target changed after the batch began - and removes the
@@ -80,7 +86,9 @@ _JOURNAL = "journal"
 _PENDING = "journal.pending"
 _FORMAT = "htmlgraph-batch 1"
 _DEFAULT_TIMEOUT = 60.0
-_POOL_THREADS = 16
+# Threads for the parallel fsync rounds: 64 beat 16 in R1 of a 100-file batch by
+# 10-20 % on loop ext4 and xfs (benchmarks/batch.py --pools; docs/batch.md).
+_POOL_THREADS = 64
 _COPY_CHUNK = 1 << 20
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -108,10 +116,11 @@ def _no_step(name: str) -> None:
 
 _step: Callable[[str], None] = _no_step
 
-# A small thread pool for the parallel fsync rounds: os.fsync releases the
-# GIL, and concurrent fsyncs on ext4 and xfs share one journal commit
+# A thread pool for the parallel fsync rounds: os.fsync releases the GIL,
+# and concurrent fsyncs on ext4 and xfs share one journal commit
 # (Documentation/filesystems/ext4.rst, max_batch_time). Created on first use,
-# never at import; a forked child makes its own.
+# never at import; threads start only as calls wait for one; a forked child
+# makes its own.
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
@@ -688,7 +697,8 @@ class AtomicBatch:
             each staged file and directory is fsynced, in parallel threads.
             ``"syncfs"`` (Linux only): one syncfs(2) of root's filesystem
             instead, several times faster for many files, but it also waits
-            for every other process's unwritten data on that filesystem.
+            for every other process's unwritten data on that filesystem. A
+            batch of one operation fsyncs its one file either way.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -1007,7 +1017,10 @@ class AtomicBatch:
         """Apply every operation, all or nothing; durable when it returns (``durable=True``).
 
         Takes the root's exclusive lock, recovers any interrupted batch,
-        then runs the protocol in ``docs/batch.md``. An error before the
+        then runs the protocol in ``docs/batch.md``. A batch of exactly one
+        operation needs no journal: its staged file is fsynced before the
+        lock, then renamed into place (or the file unlinked) and its
+        directory fsynced, like :func:`atomic_write`. An error before the
         commit point discards the batch (nothing changed); an error after it
         leaves a committed journal that is finished here if possible, else by
         the next :func:`recover`.
