@@ -136,12 +136,15 @@ def test_raise_at_every_commit_step(
     monkeypatch.setattr(batch_mod, "_step", batch_mod._step)
     hit = _raise_once_at(k)
     committed = _expect_committed(commit_steps, k, crash=False)
-    with pytest.raises(_Boom):
+    # The exception (and through its traceback, the batch) stays alive while
+    # the disk is checked: no finalizer may do the commit's cleaning for it.
+    with pytest.raises(_Boom) as info:
         run_standard_batch(str(root))
     assert hit == [commit_steps[k - 1]]
     # No recovery needed: the commit's own error handling undid or finished it.
     assert tree(root) == (NEW_TREE if committed else OLD_TREE)
     assert library_leftovers(root) == []
+    assert info.value.args == (hit[0],)
     assert not recover(root)
 
 
@@ -362,11 +365,12 @@ def test_one_operation_raise_at_every_step(
     root = _root(tmp_path)
     monkeypatch.setattr(batch_mod, "_step", batch_mod._step)
     hit = _raise_once_at(k)
-    with pytest.raises(_Boom):
+    with pytest.raises(_Boom) as info:  # kept alive: see test_raise_at_every_commit_step
         run_one_batch(str(root), kind)
     assert hit == [steps[k - 1]]
     assert tree(root) == (ONE_NEW_TREES[kind] if _one_committed(kind, k) else OLD_TREE)
     assert library_leftovers(root) == []
+    assert info.value.args == (hit[0],)
     assert not recover(root)
 
 

@@ -1049,10 +1049,10 @@ class AtomicBatch:
                 # The staged data is private until the rename: make it durable
                 # before the lock, so the lock is held for less.
                 _sync_file_by_name(self._staged_path(single))
+                _step("one-durable")
             except BaseException:
                 self.discard()
                 raise
-            _step("one-durable")
         locker = _locker(self._root)
         try:
             if not locker.acquire_exclusive_lock(self.timeout):
@@ -1100,6 +1100,7 @@ class AtomicBatch:
                 except BaseException:
                     _remove_dirs(created)
                     raise
+                applied = True
                 # A created directory's own entry lives in its parent.
                 dirs.update(os.path.dirname(made) for made in created)
             elif now is None:
