@@ -17,14 +17,17 @@ file already exists, so each round replaces them):
 Contenders alternate round by round, so drift hits all alike; the report
 gives medians and the ratios of medians, measured in the same run. Also
 measured: how long plain readers may see the batch half-applied (from the
-first rename to the last, via the ``_step`` hook), and the memory a batch
-holds per file (``tracemalloc`` peak, 1,000 files) and while streaming a
-64 MiB file.
+first rename to the last, via the ``_step`` hook), where the time of a
+100-file commit goes (the ``_step`` timestamps, phase by phase; with
+``--pools 16,64,128`` once per size of the R1 fsync thread pool, the sizes
+alternating round by round), and the memory a batch holds per file
+(``tracemalloc`` peak, 1,000 files) and while streaming a 64 MiB file.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -82,6 +85,63 @@ def _timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+# The phases of a 100-file commit, each ending at a ``_step`` of docs/batch.md.
+PHASES = [
+    ("stage", None),
+    ("lock, recover, journal", "journal-written"),
+    ("R1", "staged-durable"),
+    ("rename journal, R2", "committed"),
+    ("apply", "applied"),
+    ("R3", "synced"),
+    ("retire", "retired"),
+]
+
+
+def phases(base: Path, rounds: int, pools: list[int]) -> dict[int, dict[str, float]]:
+    """Median seconds per phase of a durable 100-file batch, per R1 pool size."""
+    work = Path(tempfile.mkdtemp(prefix="bench-batch-phases-", dir=base))
+    marks: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        marks[name] = time.perf_counter()  # "apply-op": the last one wins
+
+    names = _names(100)
+    data = b"p" * SIZE
+    executors = {n: concurrent.futures.ThreadPoolExecutor(max_workers=n) for n in pools}
+    saved = batch_mod._step, batch_mod._pool, batch_mod._pool_pid, batch_mod._POOL_THREADS
+    results: dict[int, dict[str, list[float]]] = {n: {} for n in pools}
+    try:
+        _prepare(work, names)
+        batch_mod._step = step
+        batch_mod._pool_pid = os.getpid()
+        for i in range(rounds + 1):  # the first round warms every pool up
+            for n in pools:
+                batch_mod._pool, batch_mod._POOL_THREADS = executors[n], n
+                marks.clear()
+                start = time.perf_counter()
+                with AtomicBatch(work) as batch:
+                    for rel in names:
+                        batch.write(rel, data)
+                    marks["staged"] = time.perf_counter()
+                if i == 0:
+                    continue
+                previous = start
+                for label, end in PHASES:
+                    at = marks["staged" if end is None else end]
+                    results[n].setdefault(label, []).append(at - previous)
+                    previous = at
+                results[n].setdefault("total", []).append(previous - start)
+    finally:
+        batch_mod._step, batch_mod._pool, batch_mod._pool_pid, batch_mod._POOL_THREADS = saved
+        for executor in executors.values():
+            executor.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        n: {label: statistics.median(v) for label, v in found.items()}
+        for n, found in results.items()
+    }
 
 
 def bench_dir(base: Path, rounds: int) -> dict[str, float]:
@@ -209,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--loop", default="", help="comma-separated: ext4,xfs (needs root)")
+    parser.add_argument(
+        "--pools",
+        default=str(batch_mod._POOL_THREADS),
+        help="comma-separated R1 thread-pool sizes for the phase table (default: the library's)",
+    )
     args = parser.parse_args(argv)
+    pools = [int(n) for n in args.pools.split(",")]
     targets: list[tuple[str, Callable[[], contextlib.AbstractContextManager[Path]]]] = [
         (f"{args.dir} (real disk)", lambda: contextlib.nullcontext(args.dir))
     ]
@@ -223,9 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         "| half-applied window, 100 files (fsync / syncfs) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    phase_rows = []
     for label, make in targets:
         with make() as base:
             print(_row(label, bench_dir(base, args.rounds)), flush=True)
+            for n, found in phases(base, args.rounds, pools).items():
+                cells = " | ".join(f"{found[p] * 1e3:.1f}" for p, _ in PHASES)
+                phase_rows.append(f"| {label} | {n} | {cells} | {found['total'] * 1e3:.1f} |")
+    print("\nWhere a durable 100-file commit spends its time (ms, medians):\n")
+    print("| filesystem | R1 threads | " + " | ".join(p for p, _ in PHASES) + " | total |")
+    print("|---|---|" + "---|" * (len(PHASES) + 1))
+    print("\n".join(phase_rows))
     per_file, peak = memory(args.dir)
     print(
         f"\nmemory: {per_file:.0f} bytes held per staged file (1,000 files); "

@@ -29,10 +29,15 @@ from crashlab.batchchild import (
     CRASH_EXIT,
     NEW_TREE,
     OLD_TREE,
+    ONE_DELETE_STEPS,
+    ONE_NEW_TREES,
+    ONE_WRITE_STEPS,
+    crash_one_batch,
     crash_recovery,
     crash_standard_batch,
     library_leftovers,
     make_old,
+    run_one_batch,
     run_standard_batch,
     tree,
 )
@@ -131,12 +136,15 @@ def test_raise_at_every_commit_step(
     monkeypatch.setattr(batch_mod, "_step", batch_mod._step)
     hit = _raise_once_at(k)
     committed = _expect_committed(commit_steps, k, crash=False)
-    with pytest.raises(_Boom):
+    # The exception (and through its traceback, the batch) stays alive while
+    # the disk is checked: no finalizer may do the commit's cleaning for it.
+    with pytest.raises(_Boom) as info:
         run_standard_batch(str(root))
     assert hit == [commit_steps[k - 1]]
     # No recovery needed: the commit's own error handling undid or finished it.
     assert tree(root) == (NEW_TREE if committed else OLD_TREE)
     assert library_leftovers(root) == []
+    assert info.value.args == (hit[0],)
     assert not recover(root)
 
 
@@ -300,3 +308,160 @@ def test_syncfs_mode_commits_with_two_syncfs_calls(
     assert library_leftovers(root) == []
     with pytest.raises(ValueError, match="sync must be"):
         AtomicBatch(root, sync="never")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# A batch of one operation: no journal, one rename or unlink
+# --------------------------------------------------------------------------
+
+_ONE_KINDS = sorted(ONE_NEW_TREES)
+
+
+def _one_steps(kind: str) -> list[str]:
+    return ONE_DELETE_STEPS if kind == "one-delete" else ONE_WRITE_STEPS
+
+
+_ONE_CASES = [(kind, k) for kind in _ONE_KINDS for k in range(1, len(_one_steps(kind)) + 1)]
+
+
+def _one_committed(kind: str, k: int) -> bool:
+    """Whether step ``k`` (1-based) of ``kind`` comes after its rename (or unlink)."""
+    return k > _one_steps(kind).index("one-applied")
+
+
+@pytest.mark.parametrize("kind", _ONE_KINDS)
+def test_one_operation_has_the_documented_steps(tmp_path: Path, kind: str) -> None:
+    root = _root(tmp_path)
+    assert _record_steps(root, lambda: run_one_batch(str(root), kind)) == _one_steps(kind)
+    assert tree(root) == ONE_NEW_TREES[kind]
+    assert library_leftovers(root) == []
+
+
+@pytest.mark.parametrize(("kind", "k"), _ONE_CASES)
+def test_one_operation_exit_at_every_step(tmp_path: Path, kind: str, k: int) -> None:
+    steps = _one_steps(kind)
+    root = _root(tmp_path)
+    proc = start_process(crash_one_batch, str(root), kind, k)
+    proc.join(60)
+    assert proc.exitcode == CRASH_EXIT, f"step {k} ({steps[k - 1]}) was not hit"
+    committed = _one_committed(kind, k)
+    # The crash itself leaves the old or the new tree, never anything between:
+    # there is no journal to finish.
+    assert tree(root) == (ONE_NEW_TREES[kind] if committed else OLD_TREE)
+    report = recover(root)
+    assert report.finished == 0  # nothing to roll forward, ever
+    # A staging directory is left until the step that retires it; the dead
+    # owner's journal-less directory is discarded, which changes no file.
+    assert report.discarded == (kind != "one-delete" and steps[k - 1] != "one-retired")
+    assert tree(root) == (ONE_NEW_TREES[kind] if committed else OLD_TREE)
+    assert library_leftovers(root) == []
+
+
+@pytest.mark.parametrize(("kind", "k"), _ONE_CASES)
+def test_one_operation_raise_at_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, k: int
+) -> None:
+    steps = _one_steps(kind)
+    root = _root(tmp_path)
+    monkeypatch.setattr(batch_mod, "_step", batch_mod._step)
+    hit = _raise_once_at(k)
+    with pytest.raises(_Boom) as info:  # kept alive: see test_raise_at_every_commit_step
+        run_one_batch(str(root), kind)
+    assert hit == [steps[k - 1]]
+    assert tree(root) == (ONE_NEW_TREES[kind] if _one_committed(kind, k) else OLD_TREE)
+    assert library_leftovers(root) == []
+    assert info.value.args == (hit[0],)
+    assert not recover(root)
+
+
+# (kind, seam, call number, committed?): the one write's fsync is the staged
+# file's; its _fsync_dir calls are the target's directory (and, for a new
+# directory, the parents of the directories it created).
+ONE_FAULTS = {
+    "fsync-staged": ("one-write", "_fsync", 1, False),
+    "rename": ("one-new-dir", "_replace", 1, False),
+    "fsync-dir": ("one-write", "_fsync_dir", 1, True),
+    "fsync-created-dir": ("one-new-dir", "_fsync_dir", 2, True),
+    "fsync-dir-after-delete": ("one-delete", "_fsync_dir", 1, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_FAULTS))
+def test_one_operation_os_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serial_fsync: None, case: str
+) -> None:
+    kind, seam, call, committed = ONE_FAULTS[case]
+    root = _root(tmp_path)
+    recover(root)  # creates the hidden directory now, so its fsync is not counted below
+    fault = Fault(getattr(batch_mod, seam), _eio(), {call})
+    monkeypatch.setattr(batch_mod, seam, fault)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        run_one_batch(str(root), kind)
+    assert info.value.errno == errno.EIO
+    assert fault.raised == 1
+    # Before the rename: nothing changed (and a directory made for it is gone
+    # again). After it: the change is in place and the error still reported.
+    assert tree(root) == (ONE_NEW_TREES[kind] if committed else OLD_TREE)
+    assert (root / "deep").exists() == (committed and kind == "one-new-dir")
+    assert library_leftovers(root) == []
+    assert not recover(root)
+
+
+@pytest.mark.parametrize(("kind", "durable"), [(k, d) for k in _ONE_KINDS for d in (True, False)])
+def test_one_operation_syncs_exactly_what_it_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, durable: bool
+) -> None:
+    root = _root(tmp_path)
+    recover(root)
+    files = Fault(batch_mod._fsync, _eio(), set())
+    dirs: list[str] = []
+    real_dir = batch_mod._fsync_dir
+
+    def sync_dir(path: str) -> None:
+        dirs.append(path)
+        real_dir(path)
+
+    monkeypatch.setattr(batch_mod, "_fsync", files)
+    monkeypatch.setattr(batch_mod, "_fsync_dir", sync_dir)
+    journals = Fault(batch_mod._encode_journal, _eio(), set())  # type: ignore[arg-type]
+    monkeypatch.setattr(batch_mod, "_encode_journal", journals)
+    run_one_batch(str(root), kind, durable=durable)
+    assert tree(root) == ONE_NEW_TREES[kind]
+    assert journals.calls == 0
+    real = str(root.resolve())
+    expected = {
+        "one-write": [f"{real}/nodes"],
+        "one-delete": [f"{real}/nodes"],
+        "one-new-dir": [real, f"{real}/deep", f"{real}/deep/er"],
+    }[kind]
+    assert files.calls == (durable and kind != "one-delete")
+    assert sorted(dirs) == (expected if durable else [])
+    assert library_leftovers(root) == []
+
+
+def test_one_delete_of_a_file_gone_before_commit(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    batch = AtomicBatch(root)
+    batch.delete("nodes/gone.html")
+    os.unlink(root / "nodes/gone.html")
+    with pytest.raises(FileNotFoundError, match="missing file"):
+        batch.commit()
+    expected = {k: v for k, v in OLD_TREE.items() if k != "nodes/gone.html"}
+    assert tree(root) == expected
+    with AtomicBatch(root) as ok:
+        (root / "nodes/gone.html").write_bytes(b"back")
+        ok.delete("nodes/gone.html", missing_ok=True)
+        os.unlink(root / "nodes/gone.html")
+    assert tree(root) == expected
+    assert library_leftovers(root) == []
+
+
+def test_one_write_onto_a_target_that_became_a_directory(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    batch = AtomicBatch(root)
+    batch.write("nodes/new.html", b"new")
+    (root / "nodes/new.html").mkdir()
+    with pytest.raises(IsADirectoryError, match="names a directory"):
+        batch.commit()
+    assert tree(root) == OLD_TREE
+    assert library_leftovers(root) == []

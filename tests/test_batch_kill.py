@@ -1,5 +1,8 @@
 """kill -9 torture: a process committing batches is killed at random instants.
 
+(A second test does the same with batches of one operation, which commit
+without a journal: ``test_kill9_during_one_operation_batches``.)
+
 A child commits numbered batches in a loop (:func:`crashlab.batchchild.commit_forever`:
 batch ``n`` writes a varying subset of eight files, each naming ``n``, and
 deletes the others) and is SIGKILLed at a random instant, hundreds of times
@@ -28,12 +31,15 @@ import pytest
 
 from crashlab.batchchild import (
     FILES,
+    SOLO,
     batch_files,
     batch_number,
     batch_payload,
     commit_forever,
+    commit_solo_forever,
     library_leftovers,
     snapshot_forever,
+    solo_deletes,
     tree,
 )
 from crashlab.procs import start_process
@@ -47,6 +53,7 @@ pytestmark = [
 
 SEED = int(os.environ.get("CRASHLAB_SEED", "20261130"))
 KILLS = int(os.environ.get("CRASHLAB_BATCH_KILLS", "250"))
+SOLO_KILLS = int(os.environ.get("CRASHLAB_SOLO_KILLS", "150"))
 READERS = 2
 
 
@@ -170,4 +177,81 @@ def test_kill9_during_batches_is_all_or_nothing(root: Path) -> None:
     assert journals_seen > 0, "no kill landed after a commit record"
     assert recovered["discarded"] > 0, "no kill landed before a commit record"
     assert current > KILLS // 2, "the child hardly ever committed"
+    assert library_leftovers(root) == []
+
+
+def _solo_state(root: Path, acked: int) -> int:
+    """The one-operation batch the tree holds: ``acked`` or the one after it."""
+    files = tree(root)
+    assert set(files) <= {SOLO}, sorted(files)
+    if SOLO in files:
+        n = batch_number(files[SOLO])  # raises on a torn file
+        assert n in (acked, acked + 1), (n, acked)
+        assert not solo_deletes(n), n
+        return n
+    # Gone: the last batch applied was a delete, which only n % 4 == 0 does.
+    gone = [n for n in (acked, acked + 1) if solo_deletes(n)]
+    assert gone, f"{SOLO} missing, but neither batch {acked} nor {acked + 1} deletes it"
+    return gone[0]
+
+
+def test_kill9_during_one_operation_batches(root: Path) -> None:
+    """The journal-less path for one write or delete, killed at random instants."""
+    rng = random.Random(SEED + 1)
+    with AtomicBatch(root) as batch:
+        batch.write(SOLO, batch_payload(1, SOLO))
+    stop = root.parent / "stop-readers"
+    parent_r, child_r = multiprocessing.Pipe(duplex=False)
+    reader = start_process(snapshot_forever, str(root), str(stop), child_r, [SOLO])
+    child_r.close()
+    current = 1
+    discarded = 0
+    started = time.monotonic()
+    for kill in range(SOLO_KILLS):
+        parent, child = multiprocessing.Pipe(duplex=False)
+        proc = start_process(commit_solo_forever, str(root), current + 1, child)
+        child.close()
+        assert parent.poll(30), "batch child did not start"
+        assert parent.recv() == ("ready", current + 1)
+        time.sleep(rng.uniform(0.0, 0.02))
+        proc.kill()
+        proc.join(30)
+        assert proc.exitcode == -9, f"kill {kill}: exit code {proc.exitcode}"
+        proc.close()
+        acked = current
+        while True:
+            try:
+                if not parent.poll(0):
+                    break
+                what, n = parent.recv()
+            except (EOFError, OSError):
+                break
+            assert what == "committed"
+            acked = n
+        parent.close()
+        # Before any recovery: the tree is already one batch or the next -
+        # there is no journal, nothing for recovery to finish.
+        current = _solo_state(root, acked)
+        report = recover(root)
+        assert report.finished == 0, report
+        discarded += report.discarded
+        assert _solo_state(root, acked) == current
+        assert [x for x in library_leftovers(root) if not x.startswith("lock/")] == [], kill
+    stop.touch()
+    assert parent_r.poll(120), "the reader did not stop"
+    taken, bad = parent_r.recv()
+    parent_r.close()
+    reader.join(30)
+    assert reader.exitcode == 0, "the reader read a torn file"
+    print(
+        f"\none-operation kill -9: {SOLO_KILLS} kills in {time.monotonic() - started:.1f} s, "
+        f"reached batch {current}; recover() discarded {discarded} staging directories; "
+        f"{taken} snapshots"
+    )
+    assert bad == 0
+    assert taken > 0
+    # The kills landed both while staging (a directory to discard) and
+    # between commits; and the child committed most of the time.
+    assert discarded > 0, "no kill landed inside a batch"
+    assert current > SOLO_KILLS // 2, "the child hardly ever committed"
     assert library_leftovers(root) == []

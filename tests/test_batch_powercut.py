@@ -11,10 +11,13 @@ Required of the real protocol: before the journal's rename the old tree;
 right after the rename (before its directory fsync) old or new; from the
 commit point on - and after every step of a recovery interrupted in turn -
 the new tree; never a mix, never library leftovers after recovery, never a
-checker complaint. Four mutants (:data:`crashlab.batchchild.MUTANTS`) must
-each fail at least one case, or the lab could not see what it claims to
-rule out. The table is printed (``-s``); ``CRASHLAB_REPORT=path`` also
-writes it to a file.
+checker complaint. Batches of one operation (``one-write``, ``one-delete``:
+no journal) are cut at each of their steps too: old before the rename or
+unlink, old or new right after it, new once its directory is synced. Four
+mutants (:data:`crashlab.batchchild.MUTANTS`) must each fail at least one
+case, and the two that apply to one operation must fail one of its cases,
+or the lab could not see what it claims to rule out. The table is printed
+(``-s``); ``CRASHLAB_REPORT=path`` also writes it to a file.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from crashlab.batchchild import (
     MUTANTS,
     NEW_TREE,
     OLD_TREE,
+    ONE_DELETE_STEPS,
+    ONE_NEW_TREES,
+    ONE_WRITE_STEPS,
     make_old,
     tree,
 )
@@ -47,8 +53,12 @@ _SRC = _TESTS.parent / "src"
 LAB_FS = ("ext4", "xfs", "btrfs")
 MUTANT_FS = ("ext4", "xfs")
 RECOVERY_STEPS = 8  # five ops, applied, synced, retired
-_BEFORE = {"locked", "journal-written", "staged-durable"}
-_EITHER = {"journal-renamed"}
+_BEFORE = {"locked", "journal-written", "staged-durable", "one-durable", "one-locked"}
+_EITHER = {"journal-renamed", "one-applied"}
+# Batches of one operation (no journal): their steps, and the mutants that
+# apply to them (the fsync of the staged file; the directory fsync).
+ONE_MODES = {"one-write": ONE_WRITE_STEPS, "one-delete": ONE_DELETE_STEPS}
+ONE_MUTANTS = {"one-write": ("no-staged-fsync", "no-dir-fsync"), "one-delete": ("no-dir-fsync",)}
 _TIMEOUT = 60.0
 
 
@@ -70,10 +80,10 @@ def _child(root: Path, mode: str, k: int, mutant: str) -> subprocess.Popen[str]:
     )
 
 
-def _classify(files: dict[str, bytes]) -> str:
+def _classify(files: dict[str, bytes], mode: str) -> str:
     if files == OLD_TREE:
         return "old"
-    if files == NEW_TREE:
+    if files == ONE_NEW_TREES.get(mode, NEW_TREE):
         return "new"
     return "mixed"
 
@@ -115,9 +125,9 @@ class BatchLab:
                 proc.stdout.close()
             if proc.stdin is not None:
                 proc.stdin.close()
-        return self._inspect(snap, root.relative_to(self.fs.mnt))
+        return self._inspect(snap, root.relative_to(self.fs.mnt), mode)
 
-    def _inspect(self, snap: str, rel: Path) -> str:
+    def _inspect(self, snap: str, rel: Path, mode: str) -> str:
         kind: FsKind = self.fs.kind
         mnt = self.stage.root / f"inspect-{Path(snap).name}"
         mnt.mkdir()
@@ -136,7 +146,7 @@ class BatchLab:
                     except OSError as exc:
                         state = f"recover failed: {exc}"
                     else:
-                        state = _classify(tree(root))
+                        state = _classify(tree(root), mode)
                         hidden = root / HIDDEN_DIR
                         left = [n for n in os.listdir(hidden) if n != "lock"]
                         if left or os.listdir(hidden / "lock"):
@@ -183,10 +193,14 @@ def outcomes() -> dict[Row, collections.Counter[str]]:
             lab = BatchLab(stage, fs)
             plan = [("commit", k, COMMIT_STEPS[k - 1] if k else "returned") for k in range(14)]
             plan += [("recover", j, f"recovery step {j}") for j in range(1, RECOVERY_STEPS + 1)]
+            for one, steps in ONE_MODES.items():
+                plan += [(one, k, steps[k - 1] if k else "returned") for k in range(len(steps) + 1)]
             for mode, k, step in plan:
                 mutants = ["none"]
                 if mode == "commit" and name in MUTANT_FS:
                     mutants += list(MUTANTS)
+                elif mode in ONE_MUTANTS and name in MUTANT_FS:
+                    mutants += list(ONE_MUTANTS[mode])
                 for mutant in mutants:
                     row = (name, mode, step, mutant)
                     found.setdefault(row, collections.Counter())[lab.trial(mode, k, mutant)] += 1
@@ -215,7 +229,7 @@ def _table(found: dict[Row, collections.Counter[str]]) -> str:
             if set(counter) - _allowed(mode, step):
                 label = f"**{label}**"
             cells.append(label)
-        where = step if mode == "commit" else f"recovery: {step}"
+        where = {"commit": step, "recover": f"recovery: {step}"}.get(mode, f"{mode}: {step}")
         lines.append(f"| {fs} | {where} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,6 +254,19 @@ def test_every_mutant_fails_some_case(
         pytest.skip("no mutant filesystem available here")
     bad = [row for row, c in rows.items() if set(c) - _allowed(row[1], row[2])]
     assert bad, f"mutant {mutant} passed every case: the lab cannot see what it rules out"
+
+
+@pytest.mark.parametrize("mutant", ["no-staged-fsync", "no-dir-fsync"])
+def test_one_operation_mutants_fail_some_case(
+    outcomes: dict[Row, collections.Counter[str]], mutant: str
+) -> None:
+    # The fast path for one operation has its own fsyncs: removing each must
+    # be visible there too, not only in the journaled protocol.
+    rows = {row: c for row, c in outcomes.items() if row[3] == mutant and row[1] in ONE_MODES}
+    if not rows:
+        pytest.skip("no mutant filesystem available here")
+    bad = [row for row, c in rows.items() if set(c) - _allowed(row[1], row[2])]
+    assert bad, f"mutant {mutant} passed every one-operation case"
 
 
 def test_outcome_table(

@@ -77,6 +77,37 @@ NEW_TREE = {
 }
 
 
+# -- batches of one operation (no journal: one rename or one unlink).
+
+ONE_WRITE_STEPS = ["one-durable", "one-locked", "one-applied", "one-synced", "one-retired"]
+ONE_DELETE_STEPS = ONE_WRITE_STEPS[1:]
+# What each one-operation batch makes of OLD_TREE.
+ONE_NEW_TREES = {
+    "one-write": {**OLD_TREE, "nodes/a.html": NEW_TREE["nodes/a.html"]},
+    "one-delete": {k: v for k, v in OLD_TREE.items() if k != "nodes/gone.html"},
+    "one-new-dir": {**OLD_TREE, "deep/er/c.bin": NEW_TREE["deep/er/c.bin"]},
+}
+
+
+def run_one_batch(root: str, kind: str, *, durable: bool = True) -> None:
+    """Commit the one-operation batch ``kind`` (a key of :data:`ONE_NEW_TREES`)."""
+    with AtomicBatch(root, durable=durable) as batch:
+        if kind == "one-write":
+            batch.write("nodes/a.html", NEW_TREE["nodes/a.html"])
+        elif kind == "one-delete":
+            batch.delete("nodes/gone.html")
+        elif kind == "one-new-dir":
+            batch.write("deep/er/c.bin", NEW_TREE["deep/er/c.bin"])
+        else:
+            raise ValueError(kind)
+
+
+def crash_one_batch(root: str, kind: str, k: int) -> None:
+    """Child: run the one-operation batch ``kind`` and die at protocol step ``k``."""
+    exit_at_step(k)
+    run_one_batch(root, kind)
+
+
 def make_old(root: str | os.PathLike[str]) -> None:
     """Create :data:`OLD_TREE` under ``root``."""
     for rel, data in OLD_TREE.items():
@@ -167,21 +198,53 @@ def commit_forever(root: str, first: int, conn: Connection) -> None:
         n += 1
 
 
-def snapshot_forever(root: str, stop: str, conn: Connection) -> None:
+SOLO = "solo.txt"
+
+
+def solo_deletes(n: int) -> bool:
+    """Whether one-operation batch ``n`` deletes :data:`SOLO` (else it writes it)."""
+    return n % 4 == 0
+
+
+def commit_solo_forever(root: str, first: int, conn: Connection) -> None:
+    """Child: commit one-operation batches ``first``, ``first + 1``, ... until killed.
+
+    Batch ``n`` deletes :data:`SOLO` when :func:`solo_deletes` ``(n)``, else
+    writes :func:`batch_payload` ``(n, SOLO)`` to it; each number is reported
+    on ``conn`` once ``commit`` returned.
+    """
+    conn.send(("ready", first))
+    n = first
+    while True:
+        with AtomicBatch(root) as batch:
+            if solo_deletes(n):
+                batch.delete(SOLO)
+            else:
+                batch.write(SOLO, batch_payload(n, SOLO))
+        conn.send(("committed", n))
+        n += 1
+
+
+def snapshot_forever(
+    root: str, stop: str, conn: Connection, files: list[str] | None = None
+) -> None:
     """Child: take snapshots until the file ``stop`` exists; report (taken, bad).
 
     A bad snapshot mixes two batches or has a file set no batch has; a torn
     file makes :func:`batch_number` raise (the child then exits non-zero).
+    ``files``: read these instead of :data:`FILES` and check only for torn files.
     """
     bad = 0
     taken = 0
     while not os.path.exists(stop):
         try:
-            snap = batch_mod.read_snapshot(root, FILES, timeout=30)
+            snap = batch_mod.read_snapshot(root, FILES if files is None else files, timeout=30)
         except TimeoutError:
             continue
         taken += 1
         numbers = {batch_number(data) for data in snap.values()}
+        if files is not None:
+            continue  # one-operation batches: a torn file is all there is to see
         if len(numbers) != 1 or sorted(snap) != batch_files(numbers.pop()):
             bad += 1
             print(f"mixed snapshot: {sorted(snap)}", file=sys.stderr)
@@ -217,7 +280,8 @@ def _fsync_by_name(path: str) -> None:
 def pause_main(argv: list[str]) -> None:
     """``python -m crashlab.batchchild ROOT MODE K MUTANT``: run, pause at step K.
 
-    MODE ``commit`` runs the standard batch, ``recover`` runs recover(). At
+    MODE ``commit`` runs the standard batch, ``recover`` runs recover(),
+    ``one-write`` / ``one-delete`` a batch of one operation. At
     the K-th protocol step (K = 0: after the call returned) the child prints
     ``at NAME`` and waits for a line on stdin before it goes on. MODE
     ``crash`` runs the standard batch and exits at step K (no pause).
@@ -247,6 +311,8 @@ def pause_main(argv: list[str]) -> None:
     batch_mod._step = step
     if mode == "recover":
         batch_mod.recover(root)
+    elif mode in ONE_NEW_TREES:
+        run_one_batch(root, mode)
     else:
         run_standard_batch(root)
     if k == 0:
