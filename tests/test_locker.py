@@ -200,8 +200,9 @@ class TestMarkers:
         locker.release_lock()
 
     @pytest.mark.skipif(not POSIX, reason="POSIX umask")
-    def test_marker_readable_whatever_the_umask(self, lock_dir: Path) -> None:
-        old = os.umask(0o077)
+    @pytest.mark.parametrize("umask", [0o077, 0o022])
+    def test_marker_readable_whatever_the_umask(self, lock_dir: Path, umask: int) -> None:
+        old = os.umask(umask)
         try:
             locker = DirectoryLocker(lock_dir)
             assert locker.acquire_exclusive_lock()
@@ -958,6 +959,71 @@ class TestBarging:
         assert any(abs(age - x) < 1e-6 for age in ages), log
         waiter.release_lock()
         assert markers(lock_dir) == []
+
+    @needs_proc
+    @pytest.mark.parametrize(("handoff_after", "expected"), [(0.0, [True, False]), (3600.0, None)])
+    def test_handoff_after_is_the_instance_s_own_threshold(
+        self,
+        lock_dir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        handoff_after: float,
+        expected: list[bool] | None,
+    ) -> None:
+        """The module default is not consulted when the instance says otherwise."""
+        monkeypatch.setattr(lockmod, "_POLITE_WAIT", 0.01 if handoff_after else 3600.0)
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock(timeout=0)
+        waiter = DirectoryLocker(lock_dir, handoff_after=handoff_after)
+        assert waiter.handoff_after == handoff_after
+        now = self.fake_clock(monkeypatch)
+        barges: list[bool] = []
+
+        def between_polls(seconds: float) -> None:
+            now[0] += seconds + 1e-9
+            holder.release_lock()
+            if len(barges) < 20:
+                barges.append(holder.acquire_exclusive_lock(timeout=0))
+
+        monkeypatch.setattr(lockmod, "_sleep", between_polls)
+        assert waiter.acquire_exclusive_lock()  # no timeout: politeness is not capped
+        # 0: strict hand-off, the second barge fails. 3600 s: all 20 barges win.
+        assert barges == (expected if expected is not None else [True] * 20)
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    @needs_proc
+    def test_politeness_ends_at_half_the_timeout(
+        self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A patient writer behind a holder that keeps coming back still gets its turn in time."""
+        now = self.fake_clock(monkeypatch)
+        monkeypatch.setattr(time, "monotonic", lambda: now[0])  # the deadline's clock too
+        holder = DirectoryLocker(lock_dir)
+        assert holder.acquire_exclusive_lock(timeout=0)
+        waiter = DirectoryLocker(lock_dir, handoff_after=3600.0)
+        lost_at: list[float] = []
+
+        def between_polls(seconds: float) -> None:
+            now[0] += seconds + 1e-9
+            holder.release_lock()
+            if not lost_at and not holder.acquire_exclusive_lock(timeout=0):
+                lost_at.append(now[0])
+
+        monkeypatch.setattr(lockmod, "_sleep", between_polls)
+        assert waiter.acquire_exclusive_lock(timeout=2.0)
+        # Polite for 1 s (half the 2 s timeout, not 3600 s), then it claimed its
+        # turn and the holder's next barge yielded.
+        assert len(lost_at) == 1
+        assert 1.0 <= lost_at[0] < 1.0 + 2 * lockmod._BACKOFF_FIRST
+        waiter.release_lock()
+        assert markers(lock_dir) == []
+
+    @pytest.mark.parametrize("bad", [-0.001, math.nan, math.inf])
+    def test_handoff_after_must_be_finite_and_not_negative(
+        self, lock_dir: Path, bad: float
+    ) -> None:
+        with pytest.raises(ValueError, match="handoff_after"):
+            DirectoryLocker(lock_dir, handoff_after=bad)
 
     def test_a_young_writer_still_stops_new_readers(
         self, lock_dir: Path, monkeypatch: pytest.MonkeyPatch

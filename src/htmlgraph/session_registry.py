@@ -96,6 +96,13 @@ _ORPHAN_AGE_HOURS = 1.0
 
 _SUFFIX = ".json"
 _LOCK_NAME = ".lock"
+# How long a process waiting for the registry lets one that changes it again
+# at once keep the lock (DirectoryLocker's bounded barging; at most half
+# lock_timeout). A registration is often followed at once by a heartbeat or
+# an archive from the same process; a hand-off between each, with fsyncs
+# inside every hold, made 32 processes churning take 2-2.7x longer
+# (docs/session-registry.md). 1 s still bounds anyone's wait.
+_HANDOFF_AFTER = 1.0
 
 # Characters Windows refuses in file names, and its reserved device names
 # ("CON.json" still opens the console there): Microsoft Learn, "Naming Files,
@@ -1067,7 +1074,7 @@ class SessionRegistry:
         with self._locker_guard:
             if self._lock is None:
                 self._make_dirs()
-                self._lock = DirectoryLocker(self.lock_dir)
+                self._lock = DirectoryLocker(self.lock_dir, handoff_after=_HANDOFF_AFTER)
             return self._lock
 
     def _make_dirs(self) -> None:

@@ -196,6 +196,13 @@ def _check_lock_dir(lock_dir: str, target: str) -> None:
 # update. Each thread its own, so that threads exclude each other as separate
 # owners. ``held`` lists the lock directories this thread holds right now.
 _LOCKERS_KEPT = 32
+# How long a waiting updater lets a process that updates again at once keep
+# the file's lock before it claims its turn (DirectoryLocker's bounded
+# barging; at most half the timeout). Updates are short and often come in
+# runs from one process: a hand-off per update cost half the throughput of
+# flock-based loops (docs/benchmarks.md, issue 17), and 1 s still bounds
+# any updater's wait.
+_HANDOFF_AFTER = 1.0
 _local = threading.local()
 
 
@@ -246,7 +253,7 @@ def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[s
         )
     locker = lockers.pop(lock_dir, None)
     if locker is None:
-        locker = DirectoryLocker(lock_dir)
+        locker = DirectoryLocker(lock_dir, handoff_after=_HANDOFF_AFTER)
         if len(lockers) >= _LOCKERS_KEPT:
             del lockers[next(iter(lockers))]  # the least recently used
     lockers[lock_dir] = locker
