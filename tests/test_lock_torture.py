@@ -94,10 +94,22 @@ def test_torture_with_workers_killed_mid_run(tmp_path: Path) -> None:
     per = OPS // PROCESSES
     barrier = ctx.Barrier(PROCESSES)
     outs = [tmp_path / f"out-{i}.json" for i in range(PROCESSES)]
+    n_victims = 3
+    # A victim has far more to do than it can finish before its kill (a faster
+    # lock once let one finish first); only the survivors' holds are counted.
     procs = [
         ctx.Process(
             target=torture_worker,
-            args=("real", str(lock_dir), str(counter), str(outs[i]), per, 0.5, 2000 + i, barrier),
+            args=(
+                "real",
+                str(lock_dir),
+                str(counter),
+                str(outs[i]),
+                per * 100 if i < n_victims else per,
+                0.5,
+                2000 + i,
+                barrier,
+            ),
         )
         for i in range(PROCESSES)
     ]
@@ -108,7 +120,7 @@ def test_torture_with_workers_killed_mid_run(tmp_path: Path) -> None:
     )
     for p in procs:
         p.start()
-    victims = procs[:3]
+    victims = procs[:n_victims]
     rng = random.Random(7)
     try:
         time.sleep(0.2)
