@@ -1324,3 +1324,24 @@ def test_dot_dot_after_a_symlinked_directory_locks_the_file_the_write_replaces(
         "state.json",
         "sub",
     ]
+
+
+@pytest.mark.parametrize("told", [0, 3, 9_999])
+def test_a_file_that_grew_after_its_fstat_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, told: int
+) -> None:
+    # _read trusts a short read as the end (regular files), and reads on when
+    # the first read filled the size fstat gave plus one byte: the file grew.
+    content = b"0123456789" * 1000
+    target = tmp_path / "f.txt"
+    target.write_bytes(content)
+    real_fstat = os.fstat
+
+    def stale(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        fields = list(st[:10])
+        fields[stat.ST_SIZE] = told  # the size before the file grew
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", stale)
+    assert update._read(str(target)) == content

@@ -292,11 +292,15 @@ def _read(real: str) -> bytes | None:
             raise IsADirectoryError(errno.EISDIR, "cannot update a directory", real)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "cannot update what is not a regular file", real)
-        # One read of the size fstat gave (plus one byte, to see the end) and
-        # one that confirms it, as open().read() does; a file that grew meanwhile
-        # is read on in chunks. Never a 1 MiB buffer for a 100-byte file: a
-        # large bytes object costs an mmap and page faults.
-        parts = [os.read(fd, st.st_size + 1)]
+        # One read of the size fstat gave, plus one byte: a regular file's
+        # read comes back short only at its end, so that is the whole file
+        # unless it grew meanwhile, when it is read on in chunks. Never a 1 MiB
+        # buffer for a 100-byte file: a large bytes object costs an mmap and
+        # page faults.
+        first = os.read(fd, st.st_size + 1)
+        if len(first) <= st.st_size:
+            return first
+        parts = [first]
         while parts[-1]:
             parts.append(os.read(fd, _READ_CHUNK))
         return b"".join(parts)
