@@ -1139,7 +1139,7 @@ class AtomicBatch:
         started = time.perf_counter()
         txn = self._txn_dir()
         hidden = os.path.dirname(txn)
-        committed = False
+        committed = retired = False
         try:
             _recover_locked(self._root, skip=txn)
             _step("locked")
@@ -1203,6 +1203,7 @@ class AtomicBatch:
                 _run_parallel([functools.partial(_sync_dir, d) for d in sorted(dirs)])
             _step("synced")
             _remove_txn(txn)
+            retired = True
             self._state = "committed"
             _step("retired")
             metrics.counter("htmlgraph_batch_commits_total").inc()
@@ -1215,6 +1216,8 @@ class AtomicBatch:
                 self.discard()
                 raise
             self._state = "committed"
+            if retired:  # finished: the journal is already gone
+                raise
             # Committed: finish now if we can (the lock is still held).
             try:
                 parsed = _decode_journal(_read_file(os.path.join(txn, _JOURNAL)))
