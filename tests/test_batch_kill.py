@@ -24,7 +24,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,42 @@ def _state(root: Path) -> int:
     return n
 
 
+def _start_and_kill(
+    target: Callable[[str, int, Connection], None], root: Path, first: int, delay: float, kill: int
+) -> Connection:
+    """Start ``target`` committing batches from number ``first`` on; SIGKILL it after ``delay`` s.
+
+    Returns the read end of the pipe on which it reported its commits.
+    """
+    parent, child = multiprocessing.Pipe(duplex=False)
+    proc = start_process(target, str(root), first, child)
+    child.close()
+    assert parent.poll(30), "batch child did not start"
+    assert parent.recv() == ("ready", first)
+    time.sleep(delay)
+    proc.kill()
+    proc.join(30)
+    assert proc.exitcode == -9, f"kill {kill}: exit code {proc.exitcode}"
+    proc.close()
+    return parent
+
+
+def _last_committed(parent: Connection, current: int) -> int:
+    """Read the killed child's reports: the last batch it saw committed (``current`` if none)."""
+    acked = current
+    while True:
+        try:
+            if not parent.poll(0):
+                break
+            what, n = parent.recv()
+        except (EOFError, OSError):
+            break
+        assert what == "committed"
+        acked = n
+    parent.close()
+    return acked
+
+
 def test_kill9_during_batches_is_all_or_nothing(root: Path) -> None:
     rng = random.Random(SEED)
     with AtomicBatch(root) as batch:
@@ -99,30 +136,12 @@ def test_kill9_during_batches_is_all_or_nothing(root: Path) -> None:
     ahead = 0  # kills that landed after commit() returned but before it was reported
     started = time.monotonic()
     for kill in range(KILLS):
-        parent, child = multiprocessing.Pipe(duplex=False)
-        proc = start_process(commit_forever, str(root), current + 1, child)
-        child.close()
-        assert parent.poll(30), "batch child did not start"
-        assert parent.recv() == ("ready", current + 1)
-        time.sleep(rng.uniform(0.0, 0.03) if rng.random() < 0.8 else rng.uniform(0.03, 0.2))
-        proc.kill()
-        proc.join(30)
-        assert proc.exitcode == -9, f"kill {kill}: exit code {proc.exitcode}"
-        proc.close()
+        delay = rng.uniform(0.0, 0.03) if rng.random() < 0.8 else rng.uniform(0.03, 0.2)
+        parent = _start_and_kill(commit_forever, root, current + 1, delay, kill)
         # Readers race us to recover a committed batch; look first.
         hidden = root / HIDDEN_DIR
         journals_seen += any((hidden / name / "journal").exists() for name in os.listdir(hidden))
-        acked = current
-        while True:
-            try:
-                if not parent.poll(0):
-                    break
-                what, n = parent.recv()
-            except (EOFError, OSError):
-                break
-            assert what == "committed"
-            acked = n
-        parent.close()
+        acked = _last_committed(parent, current)
 
         how = rng.choice(["recover", "snapshot", "batch"])
         if how == "recover":
@@ -208,27 +227,10 @@ def test_kill9_during_one_operation_batches(root: Path) -> None:
     discarded = 0
     started = time.monotonic()
     for kill in range(SOLO_KILLS):
-        parent, child = multiprocessing.Pipe(duplex=False)
-        proc = start_process(commit_solo_forever, str(root), current + 1, child)
-        child.close()
-        assert parent.poll(30), "batch child did not start"
-        assert parent.recv() == ("ready", current + 1)
-        time.sleep(rng.uniform(0.0, 0.02))
-        proc.kill()
-        proc.join(30)
-        assert proc.exitcode == -9, f"kill {kill}: exit code {proc.exitcode}"
-        proc.close()
-        acked = current
-        while True:
-            try:
-                if not parent.poll(0):
-                    break
-                what, n = parent.recv()
-            except (EOFError, OSError):
-                break
-            assert what == "committed"
-            acked = n
-        parent.close()
+        parent = _start_and_kill(
+            commit_solo_forever, root, current + 1, rng.uniform(0.0, 0.02), kill
+        )
+        acked = _last_committed(parent, current)
         # Before any recovery: the tree is already one batch or the next -
         # there is no journal, nothing for recovery to finish.
         current = _solo_state(root, acked)

@@ -721,24 +721,31 @@ def atomic_json_write(
     text_path = _check_target(path)
     temp_parent = _check_temp_dir(temp_dir)
     _check_permissions(permissions)
-    try:
-        text = json.dumps(
-            data, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False
-        )
-    except TypeError as exc:
-        raise TypeError(f"cannot write {text_path} as JSON: {exc}") from exc
-    except ValueError as exc:
-        raise ValueError(f"cannot write {text_path} as JSON: {exc}") from exc
-    text += "\n"  # one write() for the document and its newline
-    encoded = text.encode("utf-8")  # a lone surrogate fails here, before the disk
     _write_chunks(
         text_path,
-        (encoded,),
+        (_json_document(data, text_path, indent=indent, sort_keys=sort_keys),),
         durable=durable,
         overwrite=overwrite,
         permissions=permissions,
         temp_dir=temp_parent,
     )
+
+
+def _json_document(data: object, name: str, *, indent: int | None, sort_keys: bool) -> bytes:
+    """Return ``data`` as the bytes of a JSON file: strict, UTF-8, with a trailing newline.
+
+    Raises TypeError or ValueError naming ``name`` before anything is written.
+    """
+    try:
+        text = json.dumps(
+            data, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False
+        )
+    except TypeError as exc:
+        raise TypeError(f"cannot write {name} as JSON: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"cannot write {name} as JSON: {exc}") from exc
+    text += "\n"  # one write() for the document and its newline; grows in place
+    return text.encode("utf-8")  # a lone surrogate fails here, before the disk
 
 
 def _open_regular(path: str, flags: int) -> int:
@@ -1466,8 +1473,9 @@ class DirectoryLocker:
     take turns). It is advisory: only code that takes the lock is excluded.
     A waiting writer stops new readers (writers cannot starve; readers can,
     under an unbroken stream of writers); among writers that have waited
-    10 ms or more the oldest goes first, and a younger one leaves the lock to
-    a holder that releases and acquires again at once (bounded barging). A
+    ``handoff_after`` (10 ms by default) or more the oldest goes first, and a
+    younger one leaves the lock to a holder that releases and acquires again
+    at once (bounded barging). A
     marker left by a crashed holder is broken only on proof of death (same
     host and pid namespace, and the pid is gone, a zombie, or reused).
     Nothing here is durable: markers are not fsynced, and a reboot kills

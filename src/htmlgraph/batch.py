@@ -69,6 +69,7 @@ from htmlgraph.atomic_ops import (
     DirectoryLocker,
     LockTimeout,
     _check_path,
+    _json_document,
     _make_dirs,
     _remove_dirs,
 )
@@ -909,16 +910,8 @@ class AtomicBatch:
             TypeError, ValueError: ``data`` is not JSON-serialisable (or holds
                 NaN/infinity); nothing is staged.
         """
-        given = os.fspath(path)
-        try:
-            text = json.dumps(
-                data, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False
-            )
-        except TypeError as exc:
-            raise TypeError(f"cannot write {given} as JSON: {exc}") from exc
-        except ValueError as exc:
-            raise ValueError(f"cannot write {given} as JSON: {exc}") from exc
-        self.write(path, (text + "\n").encode("utf-8"), permissions=permissions)
+        document = _json_document(data, os.fspath(path), indent=indent, sort_keys=sort_keys)
+        self.write(path, document, permissions=permissions)
 
     @overload
     def open(
