@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
@@ -80,9 +81,17 @@ def _state(root: Path) -> int:
     return n
 
 
+class _Reports(Protocol):
+    """The read end of the pipe a batch child reports on (Connection; PipeConnection on Windows)."""
+
+    def poll(self, timeout: float = ...) -> bool: ...
+    def recv(self) -> Any: ...  # whatever the child sent
+    def close(self) -> None: ...
+
+
 def _start_and_kill(
     target: Callable[[str, int, Connection], None], root: Path, first: int, delay: float, kill: int
-) -> Connection:
+) -> _Reports:
     """Start ``target`` committing batches from number ``first`` on; SIGKILL it after ``delay`` s.
 
     Returns the read end of the pipe on which it reported its commits.
@@ -100,7 +109,7 @@ def _start_and_kill(
     return parent
 
 
-def _last_committed(parent: Connection, current: int) -> int:
+def _last_committed(parent: _Reports, current: int) -> int:
     """Read the killed child's reports: the last batch it saw committed (``current`` if none)."""
     acked = current
     while True:
@@ -137,11 +146,11 @@ def test_kill9_during_batches_is_all_or_nothing(root: Path) -> None:
     started = time.monotonic()
     for kill in range(KILLS):
         delay = rng.uniform(0.0, 0.03) if rng.random() < 0.8 else rng.uniform(0.03, 0.2)
-        parent = _start_and_kill(commit_forever, root, current + 1, delay, kill)
+        reports = _start_and_kill(commit_forever, root, current + 1, delay, kill)
         # Readers race us to recover a committed batch; look first.
         hidden = root / HIDDEN_DIR
         journals_seen += any((hidden / name / "journal").exists() for name in os.listdir(hidden))
-        acked = _last_committed(parent, current)
+        acked = _last_committed(reports, current)
 
         how = rng.choice(["recover", "snapshot", "batch"])
         if how == "recover":
