@@ -1475,9 +1475,9 @@ class DirectoryLocker:
     under an unbroken stream of writers); among writers that have waited
     ``handoff_after`` (10 ms by default) or more the oldest goes first, and a
     younger one leaves the lock to a holder that releases and acquires again
-    at once (bounded barging). A
-    marker left by a crashed holder is broken only on proof of death (same
-    host and pid namespace, and the pid is gone, a zombie, or reused).
+    at once (bounded barging). A marker left by a crashed holder is broken
+    only on proof of death (same host and pid namespace, and the pid is
+    gone, a zombie, or reused).
     Nothing here is durable: markers are not fsynced, and a reboot kills
     every holder anyway. A ``KeyboardInterrupt`` arriving inside an acquire
     or a release leaves no marker of this instance behind.

@@ -100,7 +100,7 @@ _LOCK_NAME = ".lock"
 # at once keep the lock (DirectoryLocker's bounded barging; at most half
 # lock_timeout). A registration is often followed at once by a heartbeat or
 # an archive from the same process; a hand-off between each, with fsyncs
-# inside every hold, made 32 processes churning take 2-2.7x longer
+# inside every hold, made 32 processes churning take 2-4x longer
 # (docs/session-registry.md). 1 s still bounds anyone's wait.
 _HANDOFF_AFTER = 1.0
 
