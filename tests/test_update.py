@@ -664,6 +664,24 @@ def test_bad_paths_are_refused_before_the_disk(
     assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("permissions", "error"), [(0o10000, ValueError), (-1, ValueError), ("644", TypeError)]
+)
+def test_bad_permissions_are_refused_before_fn_and_the_disk(
+    tmp_path: Path, permissions: object, error: type[Exception]
+) -> None:
+    target = tmp_path / "state.json"
+    target.write_text("{}\n")
+    calls: list[object] = []
+    with pytest.raises(error, match="permissions"):
+        atomic_json_update(target, calls.append, permissions=permissions)  # type: ignore[arg-type]
+    with pytest.raises(error, match="permissions"):
+        atomic_update(target, calls.append, permissions=permissions)  # type: ignore[arg-type]
+    assert calls == []  # refused before fn ran
+    assert listing(tmp_path) == ["state.json"]  # no lock directory, no temp
+    assert target.read_text() == "{}\n"
+
+
 def test_callable_text_default(tmp_path: Path) -> None:
     target = tmp_path / "notes.txt"
     assert atomic_update(target, lambda t: t + "b\n", default=lambda: "a\n") == "a\nb\n"

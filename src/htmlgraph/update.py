@@ -33,17 +33,20 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, overload
 
 from htmlgraph import _platform, metrics
 from htmlgraph.atomic_ops import (
+    Chunk,
     DirectoryLocker,
+    _check_permissions,
     _check_target,
+    _json_document,
     _physical,
-    atomic_json_write,
-    atomic_write,
+    _to_chunks,
+    _write_chunks,
 )
 
 __all__ = ["LOCK_SUFFIX", "atomic_json_update", "atomic_update", "update_lock_dir"]
@@ -271,9 +274,14 @@ def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[s
 # --------------------------------------------------------------------------
 
 
+_UPDATES = {
+    True: metrics.counter("htmlgraph_updates_total", result="written"),
+    False: metrics.counter("htmlgraph_updates_total", result="unchanged"),
+}
+
+
 def _count(result: object) -> None:
-    outcome = "unchanged" if result is None else "written"
-    metrics.counter("htmlgraph_updates_total", result=outcome).inc()
+    _UPDATES[result is not None].inc()
 
 
 def _read(real: str) -> bytes | None:
@@ -306,6 +314,13 @@ def _read(real: str) -> bytes | None:
         return b"".join(parts)
     finally:
         os.close(fd)
+
+
+def _replace(real: str, chunks: Iterable[Chunk], durable: bool, permissions: int | None) -> None:
+    """Replace ``real`` all-or-nothing: ``atomic_write``'s own steps, the arguments checked."""
+    _write_chunks(
+        real, chunks, durable=durable, overwrite=True, permissions=permissions, temp_dir=None
+    )
 
 
 def _initial(default: T | Callable[[], T] | _Missing, real: str) -> T:
@@ -394,7 +409,7 @@ def atomic_update(
             (the default) waits without limit.
         durable: Fsync the data and the directory (see ``atomic_write``).
         permissions: Mode bits for the result (default: keep the file's, or
-            ``0o666 & ~umask`` for a new one).
+            ``0o666 & ~umask`` for a new one); checked before the lock is taken.
 
     Returns:
         What ``fn`` returned: the new content, or None if the file was left
@@ -409,6 +424,7 @@ def atomic_update(
         UnicodeDecodeError: The file is not valid text in ``encoding``.
         OSError: Reading, locking or writing failed (the file is untouched).
     """
+    _check_permissions(permissions)
     with _locked(path, timeout, create=default is not _MISSING) as real:
         data = _read(real)
         if data is None and default is _MISSING:
@@ -438,7 +454,7 @@ def atomic_update(
                     f"cannot update {real}: fn must return str or None, not {type(result).__name__}"
                 )
         if result is not None:
-            atomic_write(real, result, encoding=encoding, durable=durable, permissions=permissions)
+            _replace(real, _to_chunks(real, result, encoding), durable, permissions)
         _count(result)
         return result
 
@@ -479,7 +495,8 @@ def atomic_json_update(
             FileNotFoundError.
         timeout: Seconds to wait for the lock (None: without limit).
         durable: Fsync the data and the directory.
-        permissions: Mode bits for the result (default: keep the file's).
+        permissions: Mode bits for the result (default: keep the file's);
+            checked before the lock is taken.
         indent: As for ``atomic_json_write`` (None: compact, faster).
         sort_keys: As for ``atomic_json_write``.
 
@@ -495,6 +512,7 @@ def atomic_json_update(
         LockTimeout: The lock was not acquired within ``timeout``.
         OSError: Reading, locking or writing failed (the file is untouched).
     """
+    _check_permissions(permissions)
     with _locked(path, timeout, create=default is not _MISSING) as real:
         data = _read(real)
         if data is None:
@@ -505,14 +523,8 @@ def atomic_json_update(
             value = _parse_json(data, real)
         result = fn(value)
         if result is not None:
-            atomic_json_write(
-                real,
-                result,
-                indent=indent,
-                sort_keys=sort_keys,
-                durable=durable,
-                permissions=permissions,
-            )
+            document = _json_document(result, real, indent=indent, sort_keys=sort_keys)
+            _replace(real, (document,), durable, permissions)
         _count(result)
         return result
 
