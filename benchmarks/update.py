@@ -57,6 +57,8 @@ OURS = "htmlgraph atomic_json_update"
 LOCK_PLUS_WRITE = "DirectoryLocker + atomic_write (no read)"
 BY_HAND = "DirectoryLocker + read + atomic_json_write"
 PEERS = "filelock.FileLock + read + atomicwrites"
+PLUS_READ = "DirectoryLocker + read + atomic_write (no parse)"
+PLUS_PARSE = "DirectoryLocker + read + parse + atomic_write (no serialise)"
 NAME = "state.json"
 
 
@@ -141,6 +143,36 @@ def _make_peers(slots: list[str]) -> Callable[[str], object]:
     return op
 
 
+def _make_steps(slots: list[str]) -> list[tuple[str, Callable[[str], object]]]:
+    """The loop by hand cut short, step by step (``--steps``): where the extra time goes.
+
+    Lock + write of the fixed document, then with the read added, then with
+    the parse added; the whole loop by hand adds the serialisation
+    (``indent=2``), and ``atomic_json_update`` its own path checks.
+    """
+    update = _update_module()
+    from htmlgraph.atomic_ops import DirectoryLocker, atomic_write
+
+    lockers = {d: DirectoryLocker(update.update_lock_dir(os.path.join(d, NAME))) for d in slots}
+    payload = json.dumps({"runs": 1}, indent=2) + "\n"
+
+    def plus_read(directory: str) -> None:
+        path = os.path.join(directory, NAME)
+        with lockers[directory].exclusive(timeout=60):
+            with open(path, "rb") as f:
+                f.read()
+            atomic_write(path, payload)
+
+    def plus_parse(directory: str) -> None:
+        path = os.path.join(directory, NAME)
+        with lockers[directory].exclusive(timeout=60):
+            with open(path, "rb") as f:
+                _bump(json.loads(f.read()))
+            atomic_write(path, payload)
+
+    return [(PLUS_READ, plus_read), (PLUS_PARSE, plus_parse)]
+
+
 # --- case 1: one update ----------------------------------------------------------
 
 
@@ -163,9 +195,11 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def bench_single(base: Path, reps: int, log: Callable[[str], None]) -> SingleResult:
+def bench_single(
+    base: Path, reps: int, log: Callable[[str], None], *, steps: bool = False
+) -> SingleResult:
     """One durable update per call, every contender interleaved, directories dealt afresh."""
-    names = [OURS, LOCK_PLUS_WRITE, BY_HAND, PEERS]
+    names = [OURS, LOCK_PLUS_WRITE, BY_HAND, PEERS] + ([PLUS_READ, PLUS_PARSE] if steps else [])
     slots = []
     for i in range(len(names) * 2):
         d = base / "single" / f"s{i}"
@@ -178,6 +212,8 @@ def bench_single(base: Path, reps: int, log: Callable[[str], None]) -> SingleRes
         (BY_HAND, _make_by_hand(slots)),
         (PEERS, _make_peers(slots)),
     ]
+    if steps:
+        contenders[2:2] = _make_steps(slots)
     log(f"update single: {len(contenders)} contenders x {reps} reps")
     series = round_robin_slots(contenders, slots, reps, warmup=3)
     # (No counter check here: the no-read baseline writes a fixed document into
@@ -360,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short run (~1 minute)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: $TMPDIR)")
     parser.add_argument("--procs", type=int, default=8, help="processes in the throughput case")
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="also time the loop by hand cut short after the read and after the parse",
+    )
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="htmlgraph-bench-update-", dir=args.dir))
     t0 = time.monotonic()
@@ -369,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         info = machine_info(base)
-        single = bench_single(base, 300 if args.quick else 1500, log)
+        single = bench_single(base, 300 if args.quick else 1500, log, steps=args.steps)
         throughput = bench_processes(
             base, args.procs, 2.0 if args.quick else 4.0, 2 if args.quick else 6, log
         )
