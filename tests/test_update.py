@@ -676,7 +676,7 @@ def test_bad_permissions_are_refused_before_fn_and_the_disk(
     with pytest.raises(error, match="permissions"):
         atomic_json_update(target, calls.append, permissions=permissions)  # type: ignore[arg-type]
     with pytest.raises(error, match="permissions"):
-        atomic_update(target, calls.append, permissions=permissions)  # type: ignore[arg-type]
+        atomic_update(target, calls.append, permissions=permissions)  # type: ignore[call-overload]
     assert calls == []  # refused before fn ran
     assert listing(tmp_path) == ["state.json"]  # no lock directory, no temp
     assert target.read_text() == "{}\n"
