@@ -10,6 +10,10 @@ calls:
   (POSIX only; tolerates filesystems that cannot sync a directory);
 * replacing and removing: :func:`replace`, :func:`unlink` (Windows retries a
   sharing violation briefly, POSIX never retries);
+* opening on shared ground: :data:`O_READ` (never blocks on a FIFO or
+  device someone planted), :data:`O_NEW_FILE` (exclusive creation, never
+  through a link), :data:`O_NOFOLLOW` and :data:`O_BINARY` (0 where there
+  is none);
 * permissions: :func:`set_mode`, :func:`keep_owner`, :func:`umask`, and the
   kernel's protections for sticky directories, :func:`may_follow_link` and
   :func:`may_replace`;
@@ -39,6 +43,10 @@ from typing import cast
 
 __all__ = [
     "HAS_SYNCFS",
+    "O_BINARY",
+    "O_NEW_FILE",
+    "O_NOFOLLOW",
+    "O_READ",
     "PID_MAX",
     "absolute",
     "after_fork",
@@ -60,6 +68,18 @@ __all__ = [
     "umask",
     "unlink",
 ]
+
+# Flags for opening on shared ground (os.open makes every descriptor
+# non-inheritable by itself, PEP 446). O_NOFOLLOW, added where a symlink in
+# the last component must be refused, and O_BINARY (Windows: no newline
+# translation) are 0 where the platform has none. A read never blocks on a
+# FIFO or device a stranger put where a file was expected (O_NONBLOCK; the
+# caller fstats what it opened). A file of ours is created new: O_EXCL, so
+# never through a planted symlink nor over someone else's file.
+O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+O_BINARY: int = getattr(os, "O_BINARY", 0)
+O_READ: int = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | O_BINARY
+O_NEW_FILE: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY
 
 # The largest process id there can be: pid_t is a signed 32-bit int on POSIX
 # (os.kill raises OverflowError past it); Windows process ids are DWORDs.

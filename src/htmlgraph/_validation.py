@@ -2,8 +2,8 @@
 
 One implementation for two callers: ``atomic_ops.validate_atomic_write``
 answers yes/no (``invalid_reason(path) is None``) and ``htmlgraph validate``
-prints the reason. Pure stdlib, imports nothing from the package, so
-``atomic_ops`` can use it without a cycle.
+prints the reason. It imports only ``_platform`` (which imports nothing from
+the package), so ``atomic_ops`` can use it without a cycle.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import codecs
 import os
 import stat
 
+from htmlgraph import _platform
+
 __all__ = ["invalid_reason"]
 
 _CHUNK = 1 << 20  # decoded in 1 MiB chunks: any file size, bounded memory
-# Never block on a FIFO or device a stranger put there (O_NONBLOCK), then fstat.
-_O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
 def invalid_reason(path: str) -> str | None:
@@ -35,7 +35,7 @@ def invalid_reason(path: str) -> str | None:
         ``"does not exist"`` or ``"not valid UTF-8 at byte 3"``.
     """
     try:
-        fd = os.open(path, _O_READ)
+        fd = os.open(path, _platform.O_READ)  # a planted FIFO never blocks: fstat below
     except FileNotFoundError:
         return "does not exist"
     except OSError as exc:  # Windows cannot open a directory at all

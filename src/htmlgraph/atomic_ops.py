@@ -116,14 +116,6 @@ _OWN_TEMP = re.compile(r"\.tmp-([0-9]{1,10})-([0-9a-f]{16})-")
 _NAME_MAX = 255  # bytes; ext4, xfs, btrfs, tmpfs, NTFS (in UTF-16 units) and APFS
 _TEMP_RANDOM = 16  # random characters between prefix and suffix (8 hex + mkstemp's 8)
 _TEMP_ATTEMPTS = 100
-_O_TEMP = (
-    os.O_WRONLY
-    | os.O_CREAT
-    | os.O_EXCL
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_CLOEXEC", 0)
-    | getattr(os, "O_BINARY", 0)
-)
 # The stdlib's mkstemp, to tell whether a caller replaced it (_Staged._create_with_mkstemp).
 _STDLIB_MKSTEMP = tempfile.mkstemp
 _MAX_LINKS = 40  # symlinks followed in a row, as Linux's MAXSYMLINKS
@@ -147,8 +139,6 @@ def _count_failure(exc: OSError) -> None:
     metrics.counter("htmlgraph_write_failures_total", errno=name).inc()
 
 
-# Reads never block on a FIFO or device a stranger put there.
-_O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 _KINDS = {
     stat.S_IFIFO: "a FIFO",
     stat.S_IFCHR: "a character device",
@@ -367,6 +357,28 @@ def _name_target(exc: OSError, target: str) -> None:
         exc.filename = target
 
 
+def _match_target(
+    fd: int, mode: int, target: os.stat_result | None, *, created_with: bool = False
+) -> None:
+    """Give the new file open as ``fd`` ``mode`` and, when it replaces ``target``, its owner.
+
+    One ``fstat`` shows what the kernel made: the umask may have removed bits
+    from the mode the file was created with (``created_with``), and the owner
+    is ours, or the directory's group when it is setgid. Only what differs is
+    changed, on the fd, never by name (pallets/click#3824: chmod by path
+    follows a symlink swapped in meanwhile). The owner goes first: ``chown``
+    clears set-user-ID and set-group-ID bits, even for root. The owner given
+    is only ever the replaced file's own. Used by every writer that stages a
+    file: ``atomic_write``'s temp and a batch's staged files.
+    """
+    made = os.fstat(fd)
+    if target is not None and (made.st_uid, made.st_gid) != (target.st_uid, target.st_gid):
+        _platform.keep_owner(fd, target.st_uid, target.st_gid)
+        _platform.set_mode(fd, mode)
+    elif not created_with or stat.S_IMODE(made.st_mode) != mode:
+        _platform.set_mode(fd, mode)
+
+
 class _Staged:
     """One temp file in the making: the low-level state shared by every writer.
 
@@ -427,10 +439,10 @@ class _Staged:
             if tempfile.mkstemp is _STDLIB_MKSTEMP:
                 self._create(parent, name, mode, created_here=temp_dir is None)
                 if mode is not None:
-                    self._match(mode, st, created_with=True)
+                    _match_target(self.fd, mode, st, created_with=True)
             else:
                 self._create_with_mkstemp(parent, name, created_here=temp_dir is None)
-                self._match(0o666 & ~_platform.umask() if mode is None else mode, st)
+                _match_target(self.fd, 0o666 & ~_platform.umask() if mode is None else mode, st)
         except BaseException:
             self.discard()
             raise
@@ -453,7 +465,7 @@ class _Staged:
         for _ in range(_TEMP_ATTEMPTS):
             self.temp = f"{prefix}{_random_token(8)}{suffix}"
             try:
-                self.fd = os.open(self.temp, _O_TEMP, create_mode)
+                self.fd = os.open(self.temp, _platform.O_NEW_FILE, create_mode)
             except FileExistsError:
                 self.temp = ""  # not ours: draw another name
                 continue
@@ -501,26 +513,6 @@ class _Staged:
                         if entry.name.startswith(prefix):
                             os.unlink(entry.path)
             raise
-
-    def _match(
-        self, mode: int, target: os.stat_result | None, *, created_with: bool = False
-    ) -> None:
-        """Give the temp ``mode`` and, when it replaces ``target``, its owner.
-
-        One ``fstat`` shows what the kernel made: the umask may have removed
-        bits from the mode the temp was created with (``created_with``), and
-        the owner is ours, or the directory's group when it is setgid. Only
-        what differs is changed, on the fd, never by name (pallets/click#3824:
-        chmod by path follows a symlink swapped in meanwhile). The owner goes
-        first: ``chown`` clears set-user-ID and set-group-ID bits, even for
-        root. The owner given is only ever the replaced file's own.
-        """
-        made = os.fstat(self.fd)
-        if target is not None and (made.st_uid, made.st_gid) != (target.st_uid, target.st_gid):
-            _platform.keep_owner(self.fd, target.st_uid, target.st_gid)
-            _platform.set_mode(self.fd, mode)
-        elif not created_with or stat.S_IMODE(made.st_mode) != mode:
-            _platform.set_mode(self.fd, mode)
 
     def commit(self, *, durable: bool) -> None:
         """Make the temp file the target: fsync, close, rename, fsync directory.
@@ -750,7 +742,7 @@ def _json_document(data: object, name: str, *, indent: int | None, sort_keys: bo
 
 def _open_regular(path: str, flags: int) -> int:
     """``open()``'s opener for reads: never blocks on a FIFO, refuses non-regular files."""
-    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, flags | _platform.O_READ)
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # FileIO names a directory itself
@@ -1048,7 +1040,7 @@ def atomic_rename(src: StrPath, dst: StrPath, *, durable: bool = True) -> None:
     created = _make_dirs(directory)
     try:
         if durable and os.path.isfile(source):
-            fd = os.open(source, _O_READ)
+            fd = os.open(source, _platform.O_READ)
             try:
                 _fsync(fd)
             finally:
@@ -1288,12 +1280,7 @@ _MARKER_MODE = 0o644  # peers of other users must be able to read the record
 
 
 # Never block on a FIFO a stranger named like a marker; never follow a link.
-_O_MARKER_READ = (
-    os.O_RDONLY
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_NONBLOCK", 0)
-    | getattr(os, "O_BINARY", 0)
-)
+_O_MARKER_READ = _platform.O_READ | _platform.O_NOFOLLOW
 
 # What the lock did and cost (htmlgraph.metrics; docs/metrics.md).
 _MODES: tuple[LockMode, ...] = ("shared", "exclusive")

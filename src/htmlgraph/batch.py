@@ -69,8 +69,10 @@ from htmlgraph.atomic_ops import (
     DirectoryLocker,
     LockTimeout,
     _check_path,
+    _check_permissions,
     _json_document,
     _make_dirs,
+    _match_target,
     _remove_dirs,
 )
 
@@ -92,14 +94,10 @@ _DEFAULT_TIMEOUT = 60.0
 _POOL_THREADS = 64
 _COPY_CHUNK = 1 << 20
 
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_BINARY = getattr(os, "O_BINARY", 0)
-_O_STAGE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
 # Windows: FlushFileBuffers needs a handle opened for writing.
-_O_SYNC_AGAIN = os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
+_O_SYNC_AGAIN = os.O_WRONLY | _platform.O_NOFOLLOW | _platform.O_BINARY
 # Reads never block on a FIFO planted under the root, nor follow a symlink.
-_O_READ = os.O_RDONLY | _O_CLOEXEC | _O_BINARY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0)
+_O_READ = _platform.O_READ | _platform.O_NOFOLLOW
 # Path separators a name may use here ("/" always; "\\" too on Windows).
 _SEPARATORS = "".join(sorted({"/", os.sep, os.altsep or "/"}))
 
@@ -187,15 +185,7 @@ def _check_root(root: object) -> str:
 
 def _split_rel(rel: object) -> list[str]:
     """Check a path relative to the root and return its components."""
-    if not isinstance(rel, (str, os.PathLike)):
-        raise TypeError(f"batch path must be str or os.PathLike[str], not {type(rel).__name__}")
-    text = os.fspath(rel)
-    if not isinstance(text, str):
-        raise TypeError(f"batch path must be str, not a bytes path: {text!r}")
-    if not text:
-        raise ValueError("batch path must not be empty")
-    if "\0" in text:
-        raise ValueError(f"batch path contains a NUL byte: {text!r}")
+    text = _check_path(rel, "batch path")
     separators = _SEPARATORS
     if os.path.isabs(text) or text[0] in separators or os.path.splitdrive(text)[0]:
         raise ValueError(f"batch path must be relative to the root, not absolute: {text!r}")
@@ -815,13 +805,7 @@ class AtomicBatch:
 
     def _stage(self, entry: _Entry, permissions: int | None) -> int:
         """Create the staged file for a write; return its fd."""
-        if permissions is not None:
-            if isinstance(permissions, bool) or not isinstance(permissions, int):
-                raise TypeError(f"permissions must be an int such as 0o644, not {permissions!r}")
-            if not 0 <= permissions <= 0o7777:
-                raise ValueError(
-                    f"permissions must be between 0o0 and 0o7777, not {permissions:#o}"
-                )
+        _check_permissions(permissions)
         txn = self._txn_dir()
         name = str(self._staged_count)
         self._staged_count += 1
@@ -832,16 +816,11 @@ class AtomicBatch:
             mode = stat.S_IMODE(st.st_mode)
         # Owner-writable while staged (Windows: a read-only file cannot be
         # replaced); the exact mode is set on the fd below.
-        fd = os.open(path, _O_STAGE, 0o666 if mode is None else mode | stat.S_IWUSR)
+        fd = os.open(path, _platform.O_NEW_FILE, 0o666 if mode is None else mode | stat.S_IWUSR)
         entry.staged = name
         try:
             if mode is not None:
-                made = os.fstat(fd)
-                if st is not None and (made.st_uid, made.st_gid) != (st.st_uid, st.st_gid):
-                    _platform.keep_owner(fd, st.st_uid, st.st_gid)
-                    _platform.set_mode(fd, mode)
-                elif stat.S_IMODE(made.st_mode) != mode:
-                    _platform.set_mode(fd, mode)
+                _match_target(fd, mode, st, created_with=True)
         except BaseException:
             os.close(fd)
             raise
@@ -1137,7 +1116,7 @@ class AtomicBatch:
             _recover_locked(self._root, skip=txn)
             _step("locked")
             pending = os.path.join(txn, _PENDING)
-            fd = os.open(pending, _O_STAGE, 0o600)
+            fd = os.open(pending, _platform.O_NEW_FILE, 0o600)
             try:
                 # The batch's start on the filesystem's own clock: a target
                 # modified at or after it was written after the batch began.

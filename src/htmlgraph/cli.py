@@ -161,9 +161,13 @@ def _convert(text: str, convert: Callable[[str], _N], what: str) -> _N:
 
 def _octal_mode(text: str) -> int:
     """Parse an octal permission string such as ``0644`` or ``600`` (argparse type)."""
+    from htmlgraph.atomic_ops import _check_permissions
+
     value = _convert(text, lambda t: int(t, 8), "an octal mode")
-    if not 0 <= value <= 0o7777:
-        raise argparse.ArgumentTypeError(f"mode out of range 0..7777: {text!r}")
+    try:
+        _check_permissions(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"mode out of range 0..7777: {text!r}") from None
     return value
 
 

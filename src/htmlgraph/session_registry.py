@@ -376,13 +376,6 @@ def _is_int(value: object) -> bool:
 # --------------------------------------------------------------------------
 # Reading files: foreign ground (no-follow, non-blocking, regular files only)
 # --------------------------------------------------------------------------
-_READ_FLAGS = (
-    os.O_RDONLY
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_NONBLOCK", 0)
-    | getattr(os, "O_CLOEXEC", 0)
-    | getattr(os, "O_BINARY", 0)
-)
 
 
 def _read_file(path: Path) -> tuple[bytes, float] | None:
@@ -396,7 +389,7 @@ def _read_file(path: Path) -> tuple[bytes, float] | None:
         OSError: Any other failure to read it.
     """
     try:
-        fd = os.open(path, _READ_FLAGS)
+        fd = os.open(path, _platform.O_READ | _platform.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -59,13 +59,6 @@ LOCK_SUFFIX = ".htmlgraph-lock"
 _NAME_MAX = 255  # bytes in one name: ext4, xfs, btrfs, tmpfs, APFS (NTFS: UTF-16 units)
 _HASH_CHARS = 16  # hex digits of SHA-256 that stand for a name too long to repeat
 
-_O_READ = (
-    os.O_RDONLY
-    | getattr(os, "O_NOFOLLOW", 0)  # the path is resolved: a symlink now is a swap
-    | getattr(os, "O_NONBLOCK", 0)  # a FIFO planted there must not hang us
-    | getattr(os, "O_CLOEXEC", 0)
-    | getattr(os, "O_BINARY", 0)
-)
 _READ_CHUNK = 1 << 20
 
 
@@ -291,7 +284,8 @@ def _read(real: str) -> bytes | None:
     before it is read (DESIGN 5: never block on a FIFO someone planted).
     """
     try:
-        fd = os.open(real, _O_READ)
+        # No-follow: the path is resolved, so a symlink now is a swap.
+        fd = os.open(real, _platform.O_READ | _platform.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     try:
