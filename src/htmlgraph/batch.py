@@ -55,6 +55,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import threading
 import time
 import weakref
@@ -308,8 +309,29 @@ def _lstat(path: str) -> os.stat_result | None:
 # --------------------------------------------------------------------------
 
 
+def _stranger(st: os.stat_result, real_root: str) -> bool:
+    """Is ``st`` (the hidden directory, or a staging directory in it) a stranger's?
+
+    In a sticky directory (``/tmp``) other users may create names but not
+    touch ours, so a hidden or staging directory another user made there
+    could hold a journal written to make us overwrite or delete our own
+    files (its CRC is no signature). Ours, root's and the root directory's
+    owner's are trusted; so is everything under a root that is not sticky,
+    whose writers could change its files directly anyway.
+    """
+    if sys.platform == "win32" or st.st_uid in (0, os.geteuid()):
+        return False
+    root_st = os.stat(real_root)
+    return bool(root_st.st_mode & stat.S_ISVTX) and root_st.st_uid != st.st_uid
+
+
 def _hidden(real_root: str, *, create: bool) -> str:
-    """Return ``ROOT/.htmlgraph-batch``, creating it (durably) when asked."""
+    """Return ``ROOT/.htmlgraph-batch``, creating it (durably) when asked.
+
+    Raises:
+        NotADirectoryError: Something else has its name.
+        PermissionError: A stranger made it, in a sticky root (:func:`_stranger`).
+    """
     hidden = os.path.join(real_root, HIDDEN_DIR)
     try:
         st = os.lstat(hidden)
@@ -317,7 +339,9 @@ def _hidden(real_root: str, *, create: bool) -> str:
         if not create:
             return hidden
         try:
-            os.mkdir(hidden)
+            # No more open than the root (its sticky bit included): whoever
+            # can plant a staging directory here can write the root itself.
+            os.mkdir(hidden, stat.S_IMODE(os.stat(real_root).st_mode) & 0o3777)
         except FileExistsError:
             pass
         else:
@@ -326,7 +350,20 @@ def _hidden(real_root: str, *, create: bool) -> str:
         st = os.lstat(hidden)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "the batch directory is not a directory", hidden)
+    if _stranger(st, real_root):
+        raise PermissionError(
+            errno.EPERM,
+            f"the batch directory belongs to uid {st.st_uid}, a stranger, in a sticky "
+            "directory; refusing it",
+            hidden,
+        )
     return hidden
+
+
+def _txn_usable(txn: str, real_root: str) -> bool:
+    """May recovery act on ``txn``: a real directory (never a symlink), not a stranger's?"""
+    st = _lstat(txn)
+    return st is not None and stat.S_ISDIR(st.st_mode) and not _stranger(st, real_root)
 
 
 def _locker(real_root: str) -> DirectoryLocker:
@@ -526,7 +563,11 @@ def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryRepor
     # lock makes impossible: a journal exists only while its writer holds it.
     for name in names:
         txn = os.path.join(hidden, name)
-        if not name.startswith(_TXN_PREFIX) or txn == skip or not os.path.isdir(txn):
+        if not name.startswith(_TXN_PREFIX) or txn == skip:
+            continue
+        if not _txn_usable(txn, real_root):
+            if os.path.lexists(os.path.join(txn, _JOURNAL)):
+                logger.warning("batch recovery: %s is a symlink or a stranger's; left alone", txn)
             continue
         try:
             data: bytes | None = _read_file(os.path.join(txn, _JOURNAL))
@@ -557,7 +598,9 @@ def _needs_recovery(real_root: str) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     return any(
-        name.startswith(_TXN_PREFIX) and os.path.lexists(os.path.join(hidden, name, _JOURNAL))
+        name.startswith(_TXN_PREFIX)
+        and os.path.lexists(os.path.join(hidden, name, _JOURNAL))
+        and _txn_usable(os.path.join(hidden, name), real_root)
         for name in names
     )
 
