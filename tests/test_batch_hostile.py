@@ -64,7 +64,10 @@ def plant_journal(txn: Path, ops: list[list[object]]) -> None:
     (txn / "journal").write_bytes(body + b"\n" + f"{zlib.crc32(body):08x}\n".encode())
 
 
-OPS: list[list[object]] = [["write", "victim.txt", "0", None], ["delete", "precious.txt", None, None]]
+OPS: list[list[object]] = [
+    ["write", "victim.txt", "0", None],
+    ["delete", "precious.txt", None, None],
+]
 VICTIMS = {"victim.txt": b"root's data", "precious.txt": b"keep me"}
 
 
@@ -165,3 +168,74 @@ def test_a_symlinked_staging_directory_is_not_followed(tmp_path: Path) -> None:
     assert read_snapshot(root, ["victim.txt"], timeout=5) == {"victim.txt": b"root's data"}
     assert tree(root) == VICTIMS
     assert sorted(os.listdir(elsewhere)) == ["0", "journal"]
+
+
+# --------------------------------------------------------------------------
+# A batch write keeps atomic_write's rules for what it replaces
+# --------------------------------------------------------------------------
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _socket(path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()
+
+
+def _fifo_via_symlink(path: Path) -> None:
+    _fifo(path.parent / "node")
+    path.symlink_to("node")
+
+
+def _strangers_file(path: Path) -> None:
+    path.write_text("the stranger's file")
+    path.chmod(0o644)
+    os.chown(path, STRANGER, STRANGER)
+
+
+def _strangers_link(path: Path) -> None:
+    (path.parent / "roots.txt").write_text("root's file")
+    path.symlink_to("roots.txt")
+    os.lchown(path, STRANGER, STRANGER)
+
+
+PLANTS: dict[str, tuple[Callable[[Path], None], bool]] = {
+    # name: (how to plant it at the target, needs root)
+    "fifo": (_fifo, False),
+    "socket": (_socket, False),
+    "fifo-via-symlink": (_fifo_via_symlink, False),
+    "strangers-file": (_strangers_file, True),
+    "strangers-symlink": (_strangers_link, True),
+}
+
+
+@pytest.mark.parametrize("plant", list(PLANTS))
+def test_a_batch_write_is_refused_where_atomic_write_is(
+    sticky_root: Path, plant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make, root_only = PLANTS[plant]
+    if root_only and not is_root():
+        pytest.skip("needs root (a file or symlink of another user)")
+    # fs.protected_regular and fs.protected_symlinks as most distributions
+    # set them, whatever this host says (read by the library, never changed).
+    monkeypatch.setattr(_platform, "_sysctl", lambda name, default: 1)
+    target = sticky_root / "target"
+    make(target)
+    before = {name: os.lstat(sticky_root / name) for name in os.listdir(sticky_root)}
+    refused = "not a regular file|protected_"
+    with pytest.raises(OSError, match=refused) as expected:
+        atomic_write(target, "root's secret")
+    batch = AtomicBatch(sticky_root)
+    with pytest.raises(OSError, match=refused) as info:
+        batch.write("target", "root's secret")
+    assert type(info.value) is type(expected.value)
+    assert info.value.errno == expected.value.errno in (errno.EACCES, errno.EINVAL)
+    batch.write("other.txt", "still usable")  # the refusal left the batch usable
+    batch.commit()
+    assert (sticky_root / "other.txt").read_text() == "still usable"
+    for name, st in before.items():
+        now = os.lstat(sticky_root / name)
+        assert (now.st_ino, now.st_mode, now.st_uid) == (st.st_ino, st.st_mode, st.st_uid), name

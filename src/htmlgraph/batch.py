@@ -69,10 +69,12 @@ from htmlgraph import _identity, _platform, metrics
 from htmlgraph.atomic_ops import (
     DirectoryLocker,
     LockTimeout,
+    _check_may_replace,
     _check_path,
     _json_document,
     _make_dirs,
     _remove_dirs,
+    _resolve_unusual,
 )
 
 __all__ = ["HIDDEN_DIR", "AtomicBatch", "RecoveryReport", "read_snapshot", "recover"]
@@ -242,6 +244,7 @@ def _resolve(
     parts: list[str],
     *,
     follow: bool,
+    replace: bool = False,
     parents: dict[str, str] | None = None,
 ) -> _Target:
     """Resolve a checked batch path under ``real_root``; refuse escapes and directories.
@@ -249,8 +252,13 @@ def _resolve(
     Every directory on the way is resolved (symlinks followed); the path must
     stay inside the root and out of the hidden directory. ``follow``: a
     symlink as the last component is written through (writes) or removed
-    itself (deletes). ``parents`` caches resolved parent directories (realpath
-    costs one lstat per component: ten per file, without it, in a batch).
+    itself (deletes). ``replace``: the path will be written, so it obeys
+    :func:`~htmlgraph.atomic_ops.atomic_write`'s rules - a symlink is followed
+    and another user's file replaced only where the kernel would let
+    ``open()`` (``fs.protected_symlinks``, ``fs.protected_regular``), and a
+    FIFO, socket or device is refused (``EINVAL``). ``parents`` caches
+    resolved parent directories (realpath costs one lstat per component: ten
+    per file, without it, in a batch).
     """
     key = "/".join(parts[:-1])
     parent = parents.get(key) if parents is not None else None
@@ -269,6 +277,11 @@ def _resolve(
         raise NotADirectoryError(
             errno.ENOTDIR, "a parent of the batch path is a file", given
         ) from None
+    if replace and st is not None and not stat.S_ISDIR(st.st_mode):
+        if stat.S_ISREG(st.st_mode):
+            _check_may_replace(path, st)
+        else:
+            _resolve_unusual(path, st)  # raises where atomic_write refuses
     if follow and st is not None and stat.S_ISLNK(st.st_mode):
         path = os.path.realpath(path)
         if not _inside(path, real_root):
@@ -830,7 +843,10 @@ class AtomicBatch:
         self._check_open()
         parts = _split_rel(rel)
         given = os.fspath(rel)
-        target = _resolve(self._root, given, parts, follow=kind == "write", parents=self._parents)
+        write = kind == "write"
+        target = _resolve(
+            self._root, given, parts, follow=write, replace=write, parents=self._parents
+        )
         if target.rel in self._by_rel:
             raise ValueError(f"path appears twice in one batch: {given!r}")
         if target.rel in self._dirs_of:
@@ -915,6 +931,10 @@ class AtomicBatch:
             ValueError: ``path`` is absolute, contains ``..``, leaves the root
                 through a symlink, or is already in this batch.
             IsADirectoryError: ``path`` names a directory.
+            PermissionError: ``path`` is, or leads through, a file or symlink
+                that ``atomic_write`` would refuse (another user's, in a
+                sticky directory: the kernel's ``fs.protected_*`` rules).
+            OSError: ``path`` is a FIFO, socket or device (``EINVAL``).
         """
         if not isinstance(content, (bytes, bytearray, memoryview, str)):
             kind = type(content).__name__
