@@ -239,3 +239,35 @@ def test_a_batch_write_is_refused_where_atomic_write_is(
     for name, st in before.items():
         now = os.lstat(sticky_root / name)
         assert (now.st_ino, now.st_mode, now.st_uid) == (st.st_ino, st.st_mode, st.st_uid), name
+
+
+# --------------------------------------------------------------------------
+# A whole-tree snapshot and what is not a regular file
+# --------------------------------------------------------------------------
+
+
+def test_a_whole_snapshot_skips_what_is_not_a_file_and_reads_links_inside_root(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a")
+    (root / "sub" / "b.txt").write_text("b")
+    (tmp_path / "outside.txt").write_text("outside")
+    (root / "link.txt").symlink_to("sub/b.txt")
+    (root / "out.txt").symlink_to(tmp_path / "outside.txt")
+    (root / "dangling.txt").symlink_to("nowhere.txt")
+    _fifo(root / "fifo")
+    _socket(root / "sub" / "sock")
+    recover(root)  # makes the hidden directory
+    (root / HIDDEN_DIR / "notes").write_text("the library's")
+    (root / "notes.txt").symlink_to(f"{HIDDEN_DIR}/notes")
+    assert read_snapshot(root, timeout=5) == {
+        "a.txt": b"a",
+        "sub/b.txt": b"b",
+        "link.txt": b"b",
+    }
+    assert read_snapshot(root, ["link.txt"], timeout=5) == {"link.txt": b"b"}
+    with pytest.raises(OSError, match="not a regular file") as info:
+        read_snapshot(root, ["fifo"], timeout=5)  # named, it is an error (never a hang)
+    assert info.value.errno == errno.EINVAL

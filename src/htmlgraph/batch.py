@@ -662,6 +662,27 @@ def _all_files(real_root: str) -> list[str]:
     return found
 
 
+def _snapshot_file(real_root: str, rel: str) -> str | None:
+    """Return the regular file a whole-tree snapshot reads for ``rel``, or None to skip it.
+
+    ``os.walk`` lists symlinks, FIFOs and sockets among the files: a symlink
+    is read through when it leads to a regular file inside the root (and out
+    of the library's directory), as a named path is; anything else - a
+    dangling link, one leading out, a FIFO, socket or device - is not a file
+    of the tree, and a stranger who plants one must not make the snapshot
+    fail.
+    """
+    path = os.path.join(real_root, rel)
+    st = _lstat(path)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        try:
+            target = _resolve(real_root, rel, rel.split("/"), follow=True)
+        except (ValueError, OSError):
+            return None  # leads out of the root or into the library's directory
+        path, st = target.path, target.lstat
+    return path if st is not None and stat.S_ISREG(st.st_mode) else None
+
+
 def read_snapshot(
     root: StrPath, paths: Iterable[StrPath] | None = None, *, timeout: float = _DEFAULT_TIMEOUT
 ) -> dict[str, bytes]:
@@ -681,7 +702,10 @@ def read_snapshot(
 
     Returns:
         Each path (as given, or "/"-separated for ``None``) that names a file,
-        mapped to its bytes. A missing file is absent from the result.
+        mapped to its bytes. A missing file is absent from the result. With
+        ``None``, a symlink is read through when it leads to a file inside
+        the root; dangling links, links that lead out, FIFOs, sockets and
+        devices are skipped (named in ``paths``, they raise).
 
     Raises:
         ValueError, IsADirectoryError: A path is invalid (as for a batch).
@@ -698,8 +722,10 @@ def read_snapshot(
                 result: dict[str, bytes] = {}
                 if wanted is None:
                     for rel in _all_files(real_root):
-                        with contextlib.suppress(FileNotFoundError):
-                            result[rel] = _read_file(os.path.join(real_root, rel))
+                        path = _snapshot_file(real_root, rel)
+                        if path is not None:
+                            with contextlib.suppress(FileNotFoundError):
+                                result[rel] = _read_file(path)
                     return result
                 for given, parts in wanted:
                     target = _resolve(real_root, given, parts, follow=True)
