@@ -55,6 +55,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import threading
 import time
 import weakref
@@ -68,12 +69,14 @@ from htmlgraph import _identity, _platform, metrics
 from htmlgraph.atomic_ops import (
     DirectoryLocker,
     LockTimeout,
+    _check_may_replace,
     _check_path,
     _check_permissions,
     _json_document,
     _make_dirs,
     _match_target,
     _remove_dirs,
+    _resolve_unusual,
 )
 
 __all__ = ["HIDDEN_DIR", "AtomicBatch", "RecoveryReport", "read_snapshot", "recover"]
@@ -231,6 +234,7 @@ def _resolve(
     parts: list[str],
     *,
     follow: bool,
+    replace: bool = False,
     parents: dict[str, str] | None = None,
 ) -> _Target:
     """Resolve a checked batch path under ``real_root``; refuse escapes and directories.
@@ -238,8 +242,13 @@ def _resolve(
     Every directory on the way is resolved (symlinks followed); the path must
     stay inside the root and out of the hidden directory. ``follow``: a
     symlink as the last component is written through (writes) or removed
-    itself (deletes). ``parents`` caches resolved parent directories (realpath
-    costs one lstat per component: ten per file, without it, in a batch).
+    itself (deletes). ``replace``: the path will be written, so it obeys
+    :func:`~htmlgraph.atomic_ops.atomic_write`'s rules - a symlink is followed
+    and another user's file replaced only where the kernel would let
+    ``open()`` (``fs.protected_symlinks``, ``fs.protected_regular``), and a
+    FIFO, socket or device is refused (``EINVAL``). ``parents`` caches
+    resolved parent directories (realpath costs one lstat per component: ten
+    per file, without it, in a batch).
     """
     key = "/".join(parts[:-1])
     parent = parents.get(key) if parents is not None else None
@@ -258,6 +267,11 @@ def _resolve(
         raise NotADirectoryError(
             errno.ENOTDIR, "a parent of the batch path is a file", given
         ) from None
+    if replace and st is not None and not stat.S_ISDIR(st.st_mode):
+        if stat.S_ISREG(st.st_mode):
+            _check_may_replace(path, st)
+        else:
+            _resolve_unusual(path, st)  # raises where atomic_write refuses
     if follow and st is not None and stat.S_ISLNK(st.st_mode):
         path = os.path.realpath(path)
         if not _inside(path, real_root):
@@ -298,8 +312,29 @@ def _lstat(path: str) -> os.stat_result | None:
 # --------------------------------------------------------------------------
 
 
+def _stranger(st: os.stat_result, real_root: str) -> bool:
+    """Is ``st`` (the hidden directory, or a staging directory in it) a stranger's?
+
+    In a sticky directory (``/tmp``) other users may create names but not
+    touch ours, so a hidden or staging directory another user made there
+    could hold a journal written to make us overwrite or delete our own
+    files (its CRC is no signature). Ours, root's and the root directory's
+    owner's are trusted; so is everything under a root that is not sticky,
+    whose writers could change its files directly anyway.
+    """
+    if sys.platform == "win32" or st.st_uid in (0, os.geteuid()):
+        return False
+    root_st = os.stat(real_root)
+    return bool(root_st.st_mode & stat.S_ISVTX) and root_st.st_uid != st.st_uid
+
+
 def _hidden(real_root: str, *, create: bool) -> str:
-    """Return ``ROOT/.htmlgraph-batch``, creating it (durably) when asked."""
+    """Return ``ROOT/.htmlgraph-batch``, creating it (durably) when asked.
+
+    Raises:
+        NotADirectoryError: Something else has its name.
+        PermissionError: A stranger made it, in a sticky root (:func:`_stranger`).
+    """
     hidden = os.path.join(real_root, HIDDEN_DIR)
     try:
         st = os.lstat(hidden)
@@ -307,7 +342,9 @@ def _hidden(real_root: str, *, create: bool) -> str:
         if not create:
             return hidden
         try:
-            os.mkdir(hidden)
+            # No more open than the root (its sticky bit included): whoever
+            # can plant a staging directory here can write the root itself.
+            os.mkdir(hidden, stat.S_IMODE(os.stat(real_root).st_mode) & 0o3777)
         except FileExistsError:
             pass
         else:
@@ -316,7 +353,20 @@ def _hidden(real_root: str, *, create: bool) -> str:
         st = os.lstat(hidden)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "the batch directory is not a directory", hidden)
+    if _stranger(st, real_root):
+        raise PermissionError(
+            errno.EPERM,
+            f"the batch directory belongs to uid {st.st_uid}, a stranger, in a sticky "
+            "directory; refusing it",
+            hidden,
+        )
     return hidden
+
+
+def _txn_usable(txn: str, real_root: str) -> bool:
+    """May recovery act on ``txn``: a real directory (never a symlink), not a stranger's?"""
+    st = _lstat(txn)
+    return st is not None and stat.S_ISDIR(st.st_mode) and not _stranger(st, real_root)
 
 
 def _locker(real_root: str) -> DirectoryLocker:
@@ -516,7 +566,11 @@ def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryRepor
     # lock makes impossible: a journal exists only while its writer holds it.
     for name in names:
         txn = os.path.join(hidden, name)
-        if not name.startswith(_TXN_PREFIX) or txn == skip or not os.path.isdir(txn):
+        if not name.startswith(_TXN_PREFIX) or txn == skip:
+            continue
+        if not _txn_usable(txn, real_root):
+            if os.path.lexists(os.path.join(txn, _JOURNAL)):
+                logger.warning("batch recovery: %s is a symlink or a stranger's; left alone", txn)
             continue
         try:
             data: bytes | None = _read_file(os.path.join(txn, _JOURNAL))
@@ -547,7 +601,9 @@ def _needs_recovery(real_root: str) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     return any(
-        name.startswith(_TXN_PREFIX) and os.path.lexists(os.path.join(hidden, name, _JOURNAL))
+        name.startswith(_TXN_PREFIX)
+        and os.path.lexists(os.path.join(hidden, name, _JOURNAL))
+        and _txn_usable(os.path.join(hidden, name), real_root)
         for name in names
     )
 
@@ -596,6 +652,27 @@ def _all_files(real_root: str) -> list[str]:
     return found
 
 
+def _snapshot_file(real_root: str, rel: str) -> str | None:
+    """Return the regular file a whole-tree snapshot reads for ``rel``, or None to skip it.
+
+    ``os.walk`` lists symlinks, FIFOs and sockets among the files: a symlink
+    is read through when it leads to a regular file inside the root (and out
+    of the library's directory), as a named path is; anything else - a
+    dangling link, one leading out, a FIFO, socket or device - is not a file
+    of the tree, and a stranger who plants one must not make the snapshot
+    fail.
+    """
+    path = os.path.join(real_root, rel)
+    st = _lstat(path)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        try:
+            target = _resolve(real_root, rel, rel.split("/"), follow=True)
+        except (ValueError, OSError):
+            return None  # leads out of the root or into the library's directory
+        path, st = target.path, target.lstat
+    return path if st is not None and stat.S_ISREG(st.st_mode) else None
+
+
 def read_snapshot(
     root: StrPath, paths: Iterable[StrPath] | None = None, *, timeout: float = _DEFAULT_TIMEOUT
 ) -> dict[str, bytes]:
@@ -615,7 +692,10 @@ def read_snapshot(
 
     Returns:
         Each path (as given, or "/"-separated for ``None``) that names a file,
-        mapped to its bytes. A missing file is absent from the result.
+        mapped to its bytes. A missing file is absent from the result. With
+        ``None``, a symlink is read through when it leads to a file inside
+        the root; dangling links, links that lead out, FIFOs, sockets and
+        devices are skipped (named in ``paths``, they raise).
 
     Raises:
         ValueError, IsADirectoryError: A path is invalid (as for a batch).
@@ -632,8 +712,10 @@ def read_snapshot(
                 result: dict[str, bytes] = {}
                 if wanted is None:
                     for rel in _all_files(real_root):
-                        with contextlib.suppress(FileNotFoundError):
-                            result[rel] = _read_file(os.path.join(real_root, rel))
+                        path = _snapshot_file(real_root, rel)
+                        if path is not None:
+                            with contextlib.suppress(FileNotFoundError):
+                                result[rel] = _read_file(path)
                     return result
                 for given, parts in wanted:
                     target = _resolve(real_root, given, parts, follow=True)
@@ -777,7 +859,10 @@ class AtomicBatch:
         self._check_open()
         parts = _split_rel(rel)
         given = os.fspath(rel)
-        target = _resolve(self._root, given, parts, follow=kind == "write", parents=self._parents)
+        write = kind == "write"
+        target = _resolve(
+            self._root, given, parts, follow=write, replace=write, parents=self._parents
+        )
         if target.rel in self._by_rel:
             raise ValueError(f"path appears twice in one batch: {given!r}")
         if target.rel in self._dirs_of:
@@ -851,6 +936,10 @@ class AtomicBatch:
             ValueError: ``path`` is absolute, contains ``..``, leaves the root
                 through a symlink, or is already in this batch.
             IsADirectoryError: ``path`` names a directory.
+            PermissionError: ``path`` is, or leads through, a file or symlink
+                that ``atomic_write`` would refuse (another user's, in a
+                sticky directory: the kernel's ``fs.protected_*`` rules).
+            OSError: ``path`` is a FIFO, socket or device (``EINVAL``).
         """
         if not isinstance(content, (bytes, bytearray, memoryview, str)):
             kind = type(content).__name__

@@ -1,0 +1,273 @@
+"""Batches in a shared directory: what another user or process plants under the root.
+
+A batch root can be a directory other users write too (a sticky ``/tmp``
+sub-directory, a folder shared with a container). Each test here plants
+something - a stranger's hidden directory, staging directory or journal, a
+stranger's file or symlink where a batch writes, a FIFO - and checks that a
+batch, ``recover`` and ``read_snapshot`` keep the rules ``atomic_write``
+keeps (docs/guarantees.md, "Shared directories") and never act on a record
+a stranger wrote. Every test failed before the fix it checks. Strangers are
+real processes with another uid (root only; skipped with a reason otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import stat
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from _writehelpers import is_root, world_traversable_dir
+from crashlab.batchchild import tree
+from htmlgraph import AtomicBatch, _platform, atomic_write, read_snapshot, recover
+from htmlgraph.batch import HIDDEN_DIR, RecoveryReport
+
+if sys.platform == "win32":
+    pytest.skip("POSIX owners, sticky directories and file types", allow_module_level=True)
+
+needs_root = pytest.mark.skipif(not is_root(), reason="needs root (a second, real user)")
+
+STRANGER = 2000
+
+
+def as_stranger(action: Callable[[], None]) -> None:
+    """Run ``action`` in a forked child with the stranger's uid and gid; fail on its error."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(STRANGER)
+            os.setuid(STRANGER)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the stranger's action failed"
+
+
+def plant_journal(txn: Path, ops: list[list[object]]) -> None:
+    """Write a staging directory with a valid journal (the CRC is no signature)."""
+    txn.mkdir(parents=True)
+    (txn / "0").write_text("the stranger's content")
+    body = json.dumps(
+        {"format": "htmlgraph-batch 1", "start_ns": 2**62, "ops": ops}, separators=(",", ":")
+    ).encode()
+    (txn / "journal").write_bytes(body + b"\n" + f"{zlib.crc32(body):08x}\n".encode())
+
+
+OPS: list[list[object]] = [
+    ["write", "victim.txt", "0", None],
+    ["delete", "precious.txt", None, None],
+]
+VICTIMS = {"victim.txt": b"root's data", "precious.txt": b"keep me"}
+
+
+@pytest.fixture
+def sticky_root() -> Iterator[Path]:
+    """A root's sticky world-writable directory (like /tmp) holding two of root's files."""
+    with world_traversable_dir() as base:
+        shared = base / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        for name, data in VICTIMS.items():
+            (shared / name).write_bytes(data)
+        yield shared
+
+
+CALLS: dict[str, Callable[[Path], object]] = {
+    "recover": recover,
+    "read_snapshot": lambda root: read_snapshot(root, ["victim.txt"], timeout=5),
+    "batch": lambda root: AtomicBatch(root, timeout=5).__enter__().write("mine.txt", "x"),
+    "batch-commit": lambda root: _commit_two(root),
+}
+
+
+def _commit_two(root: Path) -> None:
+    with AtomicBatch(root, timeout=5) as batch:
+        batch.write("mine.txt", "x")
+        batch.write("mine2.txt", "y")
+
+
+@needs_root
+@pytest.mark.parametrize("call", list(CALLS))
+def test_a_strangers_hidden_directory_in_a_sticky_root_is_refused(
+    sticky_root: Path, call: str
+) -> None:
+    # The stranger makes the hidden directory first and plants a "committed"
+    # batch that overwrites one of root's files and deletes another.
+    as_stranger(lambda: plant_journal(sticky_root / HIDDEN_DIR / "txn-1-0000000000000000-00", OPS))
+    with pytest.raises(PermissionError, match="stranger") as info:
+        CALLS[call](sticky_root)
+    assert info.value.filename == str(sticky_root / HIDDEN_DIR)
+    assert tree(sticky_root) == VICTIMS
+    assert os.stat(sticky_root / "victim.txt").st_uid == 0
+
+
+@needs_root
+@pytest.mark.parametrize("call", ["recover", "read_snapshot", "batch-commit"])
+def test_a_strangers_staging_directory_in_a_sticky_root_is_never_replayed(
+    sticky_root: Path, call: str, umask: Callable[[int], int]
+) -> None:
+    umask(0)  # root's hidden directory comes out world-writable, like the root
+    assert recover(sticky_root) == RecoveryReport()  # makes the hidden directory (root's)
+    hidden = sticky_root / HIDDEN_DIR
+    assert os.stat(hidden).st_uid == 0
+    txn = hidden / "txn-1-0000000000000000-00"
+    as_stranger(lambda: plant_journal(txn, OPS))
+    CALLS[call](sticky_root)  # returns: not refused, and never loops on the stranger's journal
+    expected = dict(VICTIMS)
+    if call == "batch-commit":
+        expected.update({"mine.txt": b"x", "mine2.txt": b"y"})
+    assert tree(sticky_root) == expected
+    assert sorted(os.listdir(txn)) == ["0", "journal"]  # left alone: not ours to judge
+
+
+@needs_root
+def test_the_hidden_directory_is_no_more_open_than_the_root(
+    tmp_path: Path, umask: Callable[[int], int]
+) -> None:
+    with world_traversable_dir() as root:
+        (root / "victim.txt").write_bytes(VICTIMS["victim.txt"])
+        (root / "precious.txt").write_bytes(VICTIMS["precious.txt"])
+        umask(0)  # a container's default: every directory made world-writable
+        recover(root)
+        hidden = root / HIDDEN_DIR
+        assert stat.S_IMODE(os.stat(hidden).st_mode) == stat.S_IMODE(os.stat(root).st_mode)
+
+        def try_to_plant() -> None:
+            try:
+                plant_journal(hidden / "txn-1-0000000000000000-00", OPS)
+            except PermissionError:
+                return
+            raise AssertionError("the stranger planted a journal the root's owner replays")
+
+        as_stranger(try_to_plant)
+        recover(root)
+        assert tree(root) == VICTIMS
+
+
+def test_a_symlinked_staging_directory_is_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "victim.txt").write_bytes(VICTIMS["victim.txt"])
+    (root / "precious.txt").write_bytes(VICTIMS["precious.txt"])
+    elsewhere = tmp_path / "elsewhere"
+    plant_journal(elsewhere, OPS)
+    (root / HIDDEN_DIR).mkdir()
+    (root / HIDDEN_DIR / "txn-1-0000000000000000-00").symlink_to(elsewhere)
+    assert recover(root) == RecoveryReport()
+    assert read_snapshot(root, ["victim.txt"], timeout=5) == {"victim.txt": b"root's data"}
+    assert tree(root) == VICTIMS
+    assert sorted(os.listdir(elsewhere)) == ["0", "journal"]
+
+
+# --------------------------------------------------------------------------
+# A batch write keeps atomic_write's rules for what it replaces
+# --------------------------------------------------------------------------
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _socket(path: Path) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()
+
+
+def _fifo_via_symlink(path: Path) -> None:
+    _fifo(path.parent / "node")
+    path.symlink_to("node")
+
+
+def _strangers_file(path: Path) -> None:
+    path.write_text("the stranger's file")
+    path.chmod(0o644)
+    os.chown(path, STRANGER, STRANGER)
+
+
+def _strangers_link(path: Path) -> None:
+    (path.parent / "roots.txt").write_text("root's file")
+    path.symlink_to("roots.txt")
+    os.lchown(path, STRANGER, STRANGER)
+
+
+PLANTS: dict[str, tuple[Callable[[Path], None], bool]] = {
+    # name: (how to plant it at the target, needs root)
+    "fifo": (_fifo, False),
+    "socket": (_socket, False),
+    "fifo-via-symlink": (_fifo_via_symlink, False),
+    "strangers-file": (_strangers_file, True),
+    "strangers-symlink": (_strangers_link, True),
+}
+
+
+@pytest.mark.parametrize("plant", list(PLANTS))
+def test_a_batch_write_is_refused_where_atomic_write_is(
+    sticky_root: Path, plant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make, root_only = PLANTS[plant]
+    if root_only and not is_root():
+        pytest.skip("needs root (a file or symlink of another user)")
+    # fs.protected_regular and fs.protected_symlinks as most distributions
+    # set them, whatever this host says (read by the library, never changed).
+    monkeypatch.setattr(_platform, "_sysctl", lambda name, default: 1)
+    target = sticky_root / "target"
+    make(target)
+    before = {name: os.lstat(sticky_root / name) for name in os.listdir(sticky_root)}
+    refused = "not a regular file|protected_"
+    with pytest.raises(OSError, match=refused) as expected:
+        atomic_write(target, "root's secret")
+    batch = AtomicBatch(sticky_root)
+    with pytest.raises(OSError, match=refused) as info:
+        batch.write("target", "root's secret")
+    assert type(info.value) is type(expected.value)
+    assert info.value.errno == expected.value.errno in (errno.EACCES, errno.EINVAL)
+    batch.write("other.txt", "still usable")  # the refusal left the batch usable
+    batch.commit()
+    assert (sticky_root / "other.txt").read_text() == "still usable"
+    for name, st in before.items():
+        now = os.lstat(sticky_root / name)
+        assert (now.st_ino, now.st_mode, now.st_uid) == (st.st_ino, st.st_mode, st.st_uid), name
+
+
+# --------------------------------------------------------------------------
+# A whole-tree snapshot and what is not a regular file
+# --------------------------------------------------------------------------
+
+
+def test_a_whole_snapshot_skips_what_is_not_a_file_and_reads_links_inside_root(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a")
+    (root / "sub" / "b.txt").write_text("b")
+    (tmp_path / "outside.txt").write_text("outside")
+    (root / "link.txt").symlink_to("sub/b.txt")
+    (root / "out.txt").symlink_to(tmp_path / "outside.txt")
+    (root / "dangling.txt").symlink_to("nowhere.txt")
+    _fifo(root / "fifo")
+    _socket(root / "sub" / "sock")
+    recover(root)  # makes the hidden directory
+    (root / HIDDEN_DIR / "notes").write_text("the library's")
+    (root / "notes.txt").symlink_to(f"{HIDDEN_DIR}/notes")
+    assert read_snapshot(root, timeout=5) == {
+        "a.txt": b"a",
+        "sub/b.txt": b"b",
+        "link.txt": b"b",
+    }
+    assert read_snapshot(root, ["link.txt"], timeout=5) == {"link.txt": b"b"}
+    with pytest.raises(OSError, match="not a regular file") as info:
+        read_snapshot(root, ["fifo"], timeout=5)  # named, it is an error (never a hang)
+    assert info.value.errno == errno.EINVAL
