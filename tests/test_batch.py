@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import htmlgraph
+from crashlab import batchchild
 from crashlab.batchchild import (
     CRASH_EXIT,
     NEW_TREE,
@@ -33,6 +34,7 @@ from crashlab.procs import start_process
 from htmlgraph import (
     AtomicBatch,
     DirectoryLocker,
+    _platform,
     atomic_json_write,
     atomic_write,
     cli,
@@ -643,3 +645,145 @@ def test_every_public_name_is_documented(name: str) -> None:
     assert doc
     assert doc.strip().splitlines()[0].endswith(".")
     assert name in htmlgraph.__all__ or name == "RecoveryReport"
+
+
+# --------------------------------------------------------------------------
+# A batch of one write: staged outside a txn-*, committed without the lock
+# unless a journal waits for recovery (docs/batch.md, "A batch of one operation")
+# --------------------------------------------------------------------------
+
+
+def _hold_root_lock(root: Path) -> DirectoryLocker:
+    """Another owner holds the root's batch lock (a batch committing elsewhere)."""
+    holder = DirectoryLocker(root / HIDDEN_DIR / "lock")
+    assert holder.acquire_exclusive_lock(timeout=0)
+    return holder
+
+
+def test_a_lone_write_commits_while_another_holds_the_lock(root: Path) -> None:
+    make_old(root)
+    holder = _hold_root_lock(root)
+    try:
+        with AtomicBatch(root, timeout=0) as batch:
+            batch.write("index.json", b"lone\n")
+        assert (root / "index.json").read_bytes() == b"lone\n"
+        # Anything bigger, and a lone delete, still waits for the lock.
+        two = AtomicBatch(root, timeout=0)
+        two.write("index.json", b"one\n")
+        two.write("nodes/a.html", b"two\n")
+        with pytest.raises(htmlgraph.LockTimeout):
+            two.commit()
+        delete = AtomicBatch(root, timeout=0)
+        delete.delete("nodes/a.html")
+        with pytest.raises(htmlgraph.LockTimeout):
+            delete.commit()
+        assert (root / "index.json").read_bytes() == b"lone\n"
+        assert (root / "nodes" / "a.html").read_bytes() == OLD_TREE["nodes/a.html"]
+    finally:
+        holder.release_lock()
+    assert library_leftovers(root) == []
+
+
+def test_a_lone_write_finishes_a_committed_batch_first(root: Path) -> None:
+    make_old(root)
+    _crash_at(root, "committed")  # a batch that committed and died before applying
+    assert tree(root) == OLD_TREE
+    holder = _hold_root_lock(root)
+    try:
+        # A journal waits: the lone write takes the lock, so it must wait too.
+        waits = AtomicBatch(root, timeout=0)
+        waits.write("extra.txt", b"x")
+        with pytest.raises(htmlgraph.LockTimeout):
+            waits.commit()
+    finally:
+        holder.release_lock()
+    assert not (root / "extra.txt").exists()
+    with AtomicBatch(root) as batch:
+        batch.write("extra.txt", b"x")
+    assert tree(root) == {**NEW_TREE, "extra.txt": b"x"}  # recovered, then written
+    assert library_leftovers(root) == []
+
+
+def test_the_first_write_is_staged_beside_the_staging_directories(root: Path) -> None:
+    hidden = root / HIDDEN_DIR
+    batch = AtomicBatch(root)
+    batch.write("a.txt", b"a")
+    (lone,) = os.listdir(hidden)
+    assert lone.startswith("stage-")
+    assert (hidden / lone).read_bytes() == b"a"
+    batch.write("b.txt", b"b")
+    assert sorted(name.split("-")[0] for name in os.listdir(hidden)) == ["stage", "txn"]
+    batch.commit()  # grown: the first write moves into txn-* and is journaled
+    assert (root / "a.txt").read_bytes() == b"a"
+    assert (root / "b.txt").read_bytes() == b"b"
+    assert library_leftovers(root) == []
+
+
+@pytest.mark.parametrize("writes", [1, 2])
+def test_a_discarded_batch_leaves_no_staged_file(root: Path, writes: int) -> None:
+    def fail() -> None:
+        with AtomicBatch(root) as batch:
+            for i in range(writes):
+                batch.write(f"f{i}.txt", b"x")
+            raise KeyError("the caller failed")
+
+    with pytest.raises(KeyError):
+        fail()
+    assert library_leftovers(root) == []
+    assert sorted(os.listdir(root)) == [HIDDEN_DIR]
+
+
+def test_a_dead_owners_lone_stage_is_discarded_and_a_live_ones_kept(root: Path) -> None:
+    batch = AtomicBatch(root)
+    batch.write("mine.txt", b"live")
+    (mine,) = os.listdir(root / HIDDEN_DIR)
+    dead = root / HIDDEN_DIR / "stage-1-0000000000000000-00"  # no such owner on this host
+    dead.write_bytes(b"left by a crash")
+    # A tag from this host and pid namespace whose process is gone.
+    tag = mine.split("-")[2]
+    gone = root / HIDDEN_DIR / f"stage-{2**22 + 12345}-{tag[:8]}00000000-00"
+    gone.write_bytes(b"left by a crash")
+    report = recover(root)
+    assert report.discarded == 1
+    assert sorted(os.listdir(root / HIDDEN_DIR)) == sorted([mine, dead.name, "lock"])
+    batch.commit()
+    assert (root / "mine.txt").read_bytes() == b"live"
+
+
+@posix_only
+def test_lone_writes_and_journaled_batches_from_many_processes(root: Path) -> None:
+    """Lone writes (no lock) beside batches of three (locked) and snapshots: nothing lost."""
+    procs = [
+        start_process(batchchild.lone_writes, str(root), "solo-1.txt", 60),
+        start_process(batchchild.lone_writes, str(root), "solo-2.txt", 60),
+        start_process(batchchild.trio_batches, str(root), 40),
+        start_process(batchchild.trio_batches, str(root), 40),
+    ]
+    while any(p.is_alive() for p in procs):
+        snap = read_snapshot(root, ["trio/a", "trio/b", "trio/c"])
+        assert len(set(snap.values())) <= 1, f"a snapshot mixes two batches: {snap}"
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert (root / "solo-1.txt").read_bytes() == b"60\n"
+    assert (root / "solo-2.txt").read_bytes() == b"60\n"
+    assert {(root / "trio" / n).read_bytes() for n in "abc"} == {b"40\n"}
+    assert library_leftovers(root) == []
+    assert recover(root) == RecoveryReport()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+@pytest.mark.skipif(not _platform.HAS_SYNCFS, reason="syncfs(2) is Linux-only")
+def test_a_lone_syncfs_write_leaks_no_descriptor(root: Path) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with AtomicBatch(root, sync="syncfs") as batch:  # warm-up: imports, the pool
+        batch.write("a.txt", b"0")
+    before = open_fds()
+    for i in range(5):
+        with AtomicBatch(root, sync="syncfs") as batch:
+            batch.write("a.txt", str(i).encode())
+    assert open_fds() == before
+    assert (root / "a.txt").read_bytes() == b"4"
+    assert library_leftovers(root) == []

@@ -359,9 +359,9 @@ def test_one_operation_exit_at_every_step(tmp_path: Path, kind: str, k: int) -> 
     assert tree(root) == (ONE_NEW_TREES[kind] if committed else OLD_TREE)
     report = recover(root)
     assert report.finished == 0  # nothing to roll forward, ever
-    # A staging directory is left until the step that retires it; the dead
-    # owner's journal-less directory is discarded, which changes no file.
-    assert report.discarded == (kind != "one-delete" and steps[k - 1] != "one-retired")
+    # A write's staged file (stage-* in the hidden directory) is left until
+    # its rename; the dead owner's file is discarded, which changes no file.
+    assert report.discarded == (kind != "one-delete" and not committed)
     assert tree(root) == (ONE_NEW_TREES[kind] if committed else OLD_TREE)
     assert library_leftovers(root) == []
 

@@ -53,7 +53,7 @@ _SRC = _TESTS.parent / "src"
 LAB_FS = ("ext4", "xfs", "btrfs")
 MUTANT_FS = ("ext4", "xfs")
 RECOVERY_STEPS = 8  # five ops, applied, synced, retired
-_BEFORE = {"locked", "journal-written", "staged-durable", "one-durable", "one-locked"}
+_BEFORE = {"locked", "journal-written", "staged-durable", "one-durable", "one-checked"}
 _EITHER = {"journal-renamed", "one-applied"}
 # Batches of one operation (no journal): their steps, and the mutants that
 # apply to them (the fsync of the staged file; the directory fsync).

@@ -33,7 +33,7 @@ _UNCOMMITTED = {
     "staged-durable",
     "journal-renamed",
     "one-durable",
-    "one-locked",
+    "one-checked",
 }
 
 contents = st.binary(max_size=300)

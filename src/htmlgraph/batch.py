@@ -88,6 +88,11 @@ StrPath = Union[str, "os.PathLike[str]"]
 HIDDEN_DIR = ".htmlgraph-batch"
 _LOCK_DIR = "lock"
 _TXN_PREFIX = "txn-"
+# A batch's first write is staged as a file in the hidden directory itself,
+# ``stage-{pid}-{tag}-{token}``: a batch that stays one write needs no staging
+# directory (its mkdir and rmdir cost more than the write's own fsyncs on a
+# fast disk); a batch that grows moves the file into its ``txn-*`` at commit.
+_LONE_PREFIX = "stage-"
 _JOURNAL = "journal"
 _PENDING = "journal.pending"
 _FORMAT = "htmlgraph-batch 1"
@@ -528,6 +533,11 @@ def _remove_txn(txn: str) -> None:
     shutil.rmtree(txn, ignore_errors=True)
 
 
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _remove_tree(path: str) -> None:
     try:
         os.rmdir(path)  # the usual case after a commit: already empty
@@ -535,9 +545,9 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _owner_gone(name: str) -> bool:
-    """Is the process that stages in ``txn-{pid}-{tag}-{token}`` gone (proof only)?"""
-    fields = name[len(_TXN_PREFIX) :].split("-")
+def _owner_gone(name: str, prefix: str = _TXN_PREFIX) -> bool:
+    """Is the process that stages in ``{prefix}{pid}-{tag}-{token}`` gone (proof only)?"""
+    fields = name[len(prefix) :].split("-")
     if len(fields) != 3:
         return False
     pid = _identity.parse_pid(fields[0])
@@ -566,6 +576,15 @@ def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryRepor
     # lock makes impossible: a journal exists only while its writer holds it.
     for name in names:
         txn = os.path.join(hidden, name)
+        if name.startswith(_LONE_PREFIX) and _owner_gone(name, _LONE_PREFIX):
+            # A one-write batch that never committed (or committed: then this
+            # is a second name of the target's inode). Only a name goes.
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                os.unlink(txn)
+                logger.warning("batch recovery: discarding the uncommitted batch %s", txn)
+                discarded += 1
+                metrics.counter("htmlgraph_batch_recoveries_total", action="rolled_back").inc()
+            continue
         if not name.startswith(_TXN_PREFIX) or txn == skip:
             continue
         if not _txn_usable(txn, real_root):
@@ -805,7 +824,12 @@ class AtomicBatch:
         self._by_rel: dict[str, _Entry] = {}
         self._dirs_of: set[str] = set()  # every directory a batch path needs
         self._txn: str | None = None
-        self._txn_dev = -1
+        self._hidden_path: str | None = None
+        self._txn_dev = -1  # the hidden directory's filesystem: staged files live there
+        # The first write's staged file while it is outside a txn-* (see _LONE_PREFIX).
+        self._lone: str | None = None
+        self._lone_entry: _Entry | None = None
+        self._lone_finalizer: weakref.finalize[[str], AtomicBatch] | None = None
         self._staged_count = 0
         self._parents: dict[str, str] = {}  # resolved parent directories
         self._devices: dict[str, int] = {}  # st_dev of the directories seen
@@ -839,15 +863,22 @@ class AtomicBatch:
         if self._state != "open":
             raise RuntimeError(f"this batch on {self._given_root} is already {self._state}")
 
+    def _hidden_dir(self) -> str:
+        """The root's hidden directory, created (and its filesystem noted) on first use."""
+        if self._hidden_path is None:
+            hidden = _hidden(self._root, create=True)
+            self._txn_dev = os.stat(hidden).st_dev
+            self._hidden_path = hidden
+        return self._hidden_path
+
     def _txn_dir(self) -> str:
         if self._txn is None:
-            hidden = _hidden(self._root, create=True)
+            hidden = self._hidden_dir()
             pid = os.getpid()
             name = f"{_TXN_PREFIX}{pid}-{_identity.owner_tag(pid)}-{os.urandom(8).hex()}"
             txn = os.path.join(hidden, name)
             os.mkdir(txn, 0o700)
             self._txn = txn
-            self._txn_dev = os.stat(txn).st_dev
             self._finalizer = weakref.finalize(self, _remove_tree, txn)
             if self.sync == "syncfs" and self.durable:
                 # Opened now, so syncfs reports writeback errors from here on.
@@ -873,7 +904,7 @@ class AtomicBatch:
             if ancestor in self._by_rel:
                 raise ValueError(f"path lies under {ancestor!r}, a file in this batch: {given!r}")
         if kind == "write":
-            self._txn_dir()
+            self._hidden_dir()
             dev = self._devices.get(target.nearest_dir)
             if dev is None:
                 dev = self._devices[target.nearest_dir] = os.stat(target.nearest_dir).st_dev
@@ -889,20 +920,40 @@ class AtomicBatch:
         self._dirs_of.update("/".join(pieces[:i]) for i in range(1, len(pieces)))
 
     def _stage(self, entry: _Entry, permissions: int | None) -> int:
-        """Create the staged file for a write; return its fd."""
+        """Create the staged file for a write; return its fd.
+
+        The first write of a batch is staged as a file of its own in the
+        hidden directory (``stage-*``), the others in the batch's ``txn-*``.
+        With ``sync="syncfs"`` every write goes to ``txn-*``, whose open
+        descriptor ``syncfs`` reports writeback errors through.
+        """
         _check_permissions(permissions)
-        txn = self._txn_dir()
-        name = str(self._staged_count)
-        self._staged_count += 1
-        path = os.path.join(txn, name)
+        if self._txn is None and self._lone_entry is None and self.sync == "fsync":
+            pid = os.getpid()
+            name = f"{_LONE_PREFIX}{pid}-{_identity.owner_tag(pid)}-{os.urandom(8).hex()}"
+            path = os.path.join(self._hidden_dir(), name)
+            # Recorded before the call that creates it: an interruption right
+            # after the open still leaves the file to discard().
+            self._lone, self._lone_entry = path, entry
+            self._lone_finalizer = weakref.finalize(self, _remove_file, path)
+        else:
+            name = str(self._staged_count)
+            self._staged_count += 1
+            path = os.path.join(self._txn_dir(), name)
+            entry.staged = name
         st = entry.target.lstat
         mode = permissions if permissions is not None else None
         if mode is None and st is not None:
             mode = stat.S_IMODE(st.st_mode)
         # Owner-writable while staged (Windows: a read-only file cannot be
         # replaced); the exact mode is set on the fd below.
-        fd = os.open(path, _platform.O_NEW_FILE, 0o666 if mode is None else mode | stat.S_IWUSR)
-        entry.staged = name
+        try:
+            fd = os.open(path, _platform.O_NEW_FILE, 0o666 if mode is None else mode | stat.S_IWUSR)
+        except FileExistsError:
+            # Not ours (a 64-bit random name, planted): never remove it.
+            if entry is self._lone_entry:
+                self._forget_lone(remove=False)
+            raise
         try:
             if mode is not None:
                 _match_target(fd, mode, st, created_with=True)
@@ -913,9 +964,32 @@ class AtomicBatch:
 
     def _forget(self, entry: _Entry) -> None:
         """Remove the staged file of a write whose staging failed (the batch stays usable)."""
-        if entry.staged is not None and self._txn is not None:
+        if entry is self._lone_entry:
+            self._forget_lone(remove=True)
+        elif entry.staged is not None and self._txn is not None:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self._txn, entry.staged))
+
+    def _forget_lone(self, *, remove: bool) -> None:
+        """Stop tracking the lone staged file; remove it (``remove``) or leave it."""
+        finalizer, self._lone_finalizer = self._lone_finalizer, None
+        self._lone = self._lone_entry = None
+        if finalizer is not None:
+            if remove:
+                finalizer()
+            else:
+                finalizer.detach()
+
+    def _adopt_lone(self) -> None:
+        """Move the lone staged file into ``txn-*``: the batch has more than one operation."""
+        entry, lone = self._lone_entry, self._lone
+        if entry is None or lone is None:
+            return
+        name = str(self._staged_count)
+        self._staged_count += 1
+        os.rename(lone, os.path.join(self._txn_dir(), name))
+        entry.staged = name
+        self._forget_lone(remove=False)  # renamed: the txn-* finalizer covers it now
 
     def write(
         self,
@@ -1066,6 +1140,8 @@ class AtomicBatch:
                 with contextlib.suppress(OSError):
                     entry.stream.close()
         self._close_sync_fd()
+        if self._lone_finalizer is not None:
+            self._forget_lone(remove=True)
         if self._finalizer is not None:
             self._finalizer()  # removes the staging directory
 
@@ -1079,9 +1155,10 @@ class AtomicBatch:
 
         Takes the root's exclusive lock, recovers any interrupted batch,
         then runs the protocol in ``docs/batch.md``. A batch of exactly one
-        operation needs no journal: its staged file is fsynced before the
-        lock, then renamed into place (or the file unlinked) and its
-        directory fsynced, like :func:`atomic_write`. An error before the
+        operation needs no journal: its staged file is fsynced, then renamed
+        into place (or the file unlinked) and its directory fsynced, like
+        :func:`atomic_write`; a lone write takes the lock only when an
+        interrupted batch must be recovered first. An error before the
         commit point discards the batch (nothing changed); an error after it
         leaves a committed journal that is finished here if possible, else by
         the next :func:`recover`.
@@ -1105,15 +1182,27 @@ class AtomicBatch:
         # itself (docs/batch.md, "A batch of one operation").
         single = ops[0] if len(ops) == 1 else None
         started = time.perf_counter()
-        if single is not None and single.kind == "write" and self.durable:
-            try:
-                # The staged data is private until the rename: make it durable
-                # before the lock, so the lock is held for less.
-                _sync_file_by_name(self._staged_path(single))
-                _step("one-durable")
-            except BaseException:
+        try:
+            if single is None:
+                self._adopt_lone()  # every staged file of a journaled batch is in txn-*
+            elif single.kind == "write":
+                if self.durable:
+                    # The staged data is private until the rename: make it
+                    # durable before the lock, so the lock is held for less.
+                    _sync_file_by_name(self._staged_path(single))
+                    _step("one-durable")
+                if not _needs_recovery(self._root):
+                    # Nothing to finish first: one rename, as atomic_write does,
+                    # needs no lock (docs/batch.md, "A batch of one operation").
+                    try:
+                        self._commit_one(single, started, locked=False)
+                    finally:
+                        self._close_sync_fd()
+                    return
+        except BaseException:
+            if self._state == "open":
                 self.discard()
-                raise
+            raise
         locker = _locker(self._root)
         try:
             if not locker.acquire_exclusive_lock(self.timeout):
@@ -1123,7 +1212,7 @@ class AtomicBatch:
             raise
         try:
             if single is not None:
-                self._commit_one(single, started)
+                self._commit_one(single, started, locked=True)
             else:
                 self._commit_locked()
         finally:
@@ -1131,24 +1220,31 @@ class AtomicBatch:
             self._close_sync_fd()
 
     def _staged_path(self, entry: _Entry) -> str:
+        if entry is self._lone_entry and self._lone is not None:
+            return self._lone
         if self._txn is None or entry.staged is None:  # every write is staged
             raise RuntimeError(f"batch write of {entry.given!r} has no staged file")
         return os.path.join(self._txn, entry.staged)
 
-    def _commit_one(self, entry: _Entry, started: float) -> None:
+    def _commit_one(self, entry: _Entry, started: float, *, locked: bool) -> None:
         """Commit a batch of exactly one operation: no journal, one rename or unlink.
 
-        The caller holds the lock and (``durable``) has made a staged file
-        durable. Before the rename (or unlink) nothing under root changed and
-        an error discards the batch; after it the batch is committed, and an
-        error (a failed directory fsync) is raised with the change in place.
+        The caller (``durable``) has made a staged file durable and, when
+        ``locked``, holds the lock: then any interrupted batch is recovered
+        first. A write goes unlocked when no journal waits for recovery
+        (the caller checked): like ``atomic_write``, it is one atomic rename,
+        and a batch that commits meanwhile treats it as a later write.
+        Before the rename (or unlink) nothing under root changed and an error
+        discards the batch; after it the batch is committed, and an error (a
+        failed directory fsync) is raised with the change in place.
         """
         target = entry.target.path
         directory = os.path.dirname(target)
         applied = False
         try:
-            _recover_locked(self._root, skip=self._txn)
-            _step("one-locked")
+            if locked:
+                _recover_locked(self._root, skip=self._txn)
+            _step("one-checked")
             now = _lstat(target)
             if now is not None and stat.S_ISDIR(now.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "batch path names a directory", entry.given)
@@ -1162,6 +1258,8 @@ class AtomicBatch:
                     _remove_dirs(created)
                     raise
                 applied = True
+                if entry is self._lone_entry:
+                    self._forget_lone(remove=False)  # renamed: the name is the target's now
                 # A created directory's own entry lives in its parent.
                 dirs.update(os.path.dirname(made) for made in created)
             elif now is None:

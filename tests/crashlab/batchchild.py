@@ -79,7 +79,7 @@ NEW_TREE = {
 
 # -- batches of one operation (no journal: one rename or one unlink).
 
-ONE_WRITE_STEPS = ["one-durable", "one-locked", "one-applied", "one-synced", "one-retired"]
+ONE_WRITE_STEPS = ["one-durable", "one-checked", "one-applied", "one-synced", "one-retired"]
 ONE_DELETE_STEPS = ONE_WRITE_STEPS[1:]
 # What each one-operation batch makes of OLD_TREE.
 ONE_NEW_TREES = {
@@ -223,6 +223,21 @@ def commit_solo_forever(root: str, first: int, conn: Connection) -> None:
                 batch.write(SOLO, batch_payload(n, SOLO))
         conn.send(("committed", n))
         n += 1
+
+
+def lone_writes(root: str, file: str, count: int) -> None:
+    """Commit ``count`` one-write batches of ``file``, the i-th holding ``i`` (no lock)."""
+    for i in range(1, count + 1):
+        with AtomicBatch(root) as batch:
+            batch.write(file, f"{i}\n")
+
+
+def trio_batches(root: str, count: int) -> None:
+    """Commit ``count`` batches writing ``trio/a``, ``trio/b``, ``trio/c``, all ``i``."""
+    for i in range(1, count + 1):
+        with AtomicBatch(root) as batch:
+            for name in "abc":
+                batch.write(f"trio/{name}", f"{i}\n")
 
 
 def snapshot_forever(
