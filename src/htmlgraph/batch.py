@@ -869,6 +869,10 @@ class AtomicBatch:
             hidden = _hidden(self._root, create=True)
             self._txn_dev = os.stat(hidden).st_dev
             self._hidden_path = hidden
+            if self.sync == "syncfs" and self.durable:
+                # Opened before the first staged byte, so syncfs reports every
+                # writeback error of this batch's files from here on.
+                self._sync_fd = os.open(hidden, _O_READ | getattr(os, "O_DIRECTORY", 0))
         return self._hidden_path
 
     def _txn_dir(self) -> str:
@@ -880,9 +884,6 @@ class AtomicBatch:
             os.mkdir(txn, 0o700)
             self._txn = txn
             self._finalizer = weakref.finalize(self, _remove_tree, txn)
-            if self.sync == "syncfs" and self.durable:
-                # Opened now, so syncfs reports writeback errors from here on.
-                self._sync_fd = os.open(txn, _O_READ | getattr(os, "O_DIRECTORY", 0))
         return self._txn
 
     def _add(self, kind: Literal["write", "delete"], rel: StrPath) -> _Entry:
@@ -924,11 +925,9 @@ class AtomicBatch:
 
         The first write of a batch is staged as a file of its own in the
         hidden directory (``stage-*``), the others in the batch's ``txn-*``.
-        With ``sync="syncfs"`` every write goes to ``txn-*``, whose open
-        descriptor ``syncfs`` reports writeback errors through.
         """
         _check_permissions(permissions)
-        if self._txn is None and self._lone_entry is None and self.sync == "fsync":
+        if self._txn is None and self._lone_entry is None:
             pid = os.getpid()
             name = f"{_LONE_PREFIX}{pid}-{_identity.owner_tag(pid)}-{os.urandom(8).hex()}"
             path = os.path.join(self._hidden_dir(), name)
