@@ -159,12 +159,6 @@ def _run_parallel(calls: Sequence[Callable[[], None]]) -> None:
         raise error
 
 
-def _sync_dir(path: str) -> None:
-    # _platform.fsync_dir already treats "not supported here" (EINVAL on some
-    # FUSE and SMB mounts) as done, and is a no-op on Windows.
-    _fsync_dir(path)
-
-
 def _sync_file_by_name(path: str) -> None:
     fd = os.open(path, _O_SYNC_AGAIN)
     try:
@@ -354,7 +348,7 @@ def _hidden(real_root: str, *, create: bool) -> str:
             pass
         else:
             # Journals live below it: its own entry must be durable first.
-            _sync_dir(real_root)
+            _fsync_dir(real_root)
         st = os.lstat(hidden)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "the batch directory is not a directory", hidden)
@@ -519,7 +513,7 @@ def _roll_forward(
             dirs.add(os.path.dirname(target))
             applied.append(op.rel)
     _step("recover-applied")
-    _run_parallel([functools.partial(_sync_dir, d) for d in sorted(dirs)])
+    _run_parallel([functools.partial(_fsync_dir, d) for d in sorted(dirs)])
     _step("recover-synced")
     _remove_txn(txn)
     _step("recover-retired")
@@ -1274,7 +1268,7 @@ class AtomicBatch:
             self._state = "committed"
             _step("one-applied")
             if self.durable:
-                _run_parallel([functools.partial(_sync_dir, d) for d in sorted(dirs)])
+                _run_parallel([functools.partial(_fsync_dir, d) for d in sorted(dirs)])
             _step("one-synced")
         except BaseException:
             if not applied:
@@ -1338,8 +1332,8 @@ class AtomicBatch:
                     ]
                     calls += [
                         functools.partial(_fsync, fd),
-                        functools.partial(_sync_dir, txn),
-                        functools.partial(_sync_dir, hidden),
+                        functools.partial(_fsync_dir, txn),
+                        functools.partial(_fsync_dir, hidden),
                     ]
                     _run_parallel(calls)
                 _step("staged-durable")
@@ -1348,7 +1342,7 @@ class AtomicBatch:
             _replace(pending, os.path.join(txn, _JOURNAL))
             _step("journal-renamed")
             if self.durable:
-                _sync_dir(txn)  # R2: the commit point
+                _fsync_dir(txn)  # R2: the commit point
             committed = True
             if self._finalizer is not None:
                 self._finalizer.detach()  # from here on, only recovery removes txn
@@ -1358,7 +1352,7 @@ class AtomicBatch:
             if self.durable and self._sync_fd >= 0:
                 _platform.syncfs(self._sync_fd)  # R3
             elif self.durable:
-                _run_parallel([functools.partial(_sync_dir, d) for d in sorted(dirs)])
+                _run_parallel([functools.partial(_fsync_dir, d) for d in sorted(dirs)])
             _step("synced")
             _remove_txn(txn)
             retired = True
