@@ -1136,13 +1136,16 @@ class AtomicBatch:
                 self.discard()
                 raise
         locker = _locker(self._root)
+        # The acquisition is inside the try whose finally releases (a fresh
+        # locker: release_lock is a no-op unless it holds), so an interrupt
+        # handled as the call returns cannot leave the lock held.
         try:
-            if not locker.acquire_exclusive_lock(self.timeout):
-                raise LockTimeout(locker.lock_dir, "exclusive", self.timeout)
-        except BaseException:
-            self.discard()
-            raise
-        try:
+            try:
+                if not locker.acquire_exclusive_lock(self.timeout):
+                    raise LockTimeout(locker.lock_dir, "exclusive", self.timeout)
+            except BaseException:
+                self.discard()
+                raise
             if single is not None:
                 self._commit_one(single, started)
             else:

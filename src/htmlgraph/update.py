@@ -261,8 +261,8 @@ def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[s
             del lockers[next(iter(lockers))]  # the least recently used
     lockers[lock_dir] = locker
     wait = math.inf if timeout is None else timeout
-    held.add(lock_dir)
     try:
+        held.add(lock_dir)  # inside: an interrupt in add must not leave it there
         with locker.exclusive(timeout=wait):
             yield target
     finally:
