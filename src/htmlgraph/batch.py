@@ -414,8 +414,11 @@ def _decode_journal(data: bytes) -> tuple[int, list[_Op]] | None:
         if doc["format"] != _FORMAT:
             return None
         ops = [_Op(kind, rel, staged, before) for kind, rel, staged, before in doc["ops"]]
-        start_ns = int(doc["start_ns"])
-    except (ValueError, KeyError, TypeError):
+        start_ns = doc["start_ns"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    # Strictly what _encode_journal writes: an int (never 1e400, NaN, a string).
+    if type(start_ns) is not int:
         return None
     for op in ops:
         if op.kind not in ("write", "delete") or not _journal_rel_ok(op.rel):
