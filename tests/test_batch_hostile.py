@@ -271,3 +271,25 @@ def test_a_whole_snapshot_skips_what_is_not_a_file_and_reads_links_inside_root(
     with pytest.raises(OSError, match="not a regular file") as info:
         read_snapshot(root, ["fifo"], timeout=5)  # named, it is an error (never a hang)
     assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    "start",
+    ["1e400", "-1e400", "NaN", "Infinity", '"soon"', "null", "true", "[" * 100_000 + "]" * 100_000],
+    ids=["1e400", "-1e400", "NaN", "Infinity", "string", "null", "true", "deep"],
+)
+def test_a_journal_with_an_odd_start_is_not_ours_and_never_stops_recovery(
+    tmp_path: Path, start: str
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "victim.txt").write_bytes(VICTIMS["victim.txt"])
+    txn = root / HIDDEN_DIR / "txn-1-0000000000000000-00"
+    txn.mkdir(parents=True)
+    (txn / "0").write_text("staged")
+    ops = '[["write","victim.txt","0",null]]'
+    body = f'{{"format":"htmlgraph-batch 1","start_ns":{start},"ops":{ops}}}'.encode()
+    (txn / "journal").write_bytes(body + b"\n" + f"{zlib.crc32(body):08x}\n".encode())
+    assert recover(root) == RecoveryReport(discarded=1)  # never committed by us: discarded
+    assert tree(root) == {"victim.txt": VICTIMS["victim.txt"]}
+    assert sorted(os.listdir(root / HIDDEN_DIR)) == ["lock"]

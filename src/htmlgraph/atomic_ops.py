@@ -1692,13 +1692,16 @@ class DirectoryLocker:
         held = False
         try:
             self._clear_leftovers()
-            held = self._run(mode, deadline)
-            if held:
+            won = self._run(mode, deadline)
+            # Counted before the hold is handed over: an interrupt in these
+            # calls (a Ctrl-C runs its handler at any call) lets it go below.
+            if won:
                 self._held_at = time.monotonic()
                 _LOCK_ACQUIRED[mode].inc()
                 _LOCK_WAIT[mode].observe(self._held_at - started)
             else:
                 _LOCK_TIMEOUTS[mode].inc()
+            held = won
         finally:
             if not held:
                 # Timeout or any exception (KeyboardInterrupt included) at any

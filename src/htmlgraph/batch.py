@@ -403,8 +403,11 @@ def _decode_journal(data: bytes) -> tuple[int, list[_Op]] | None:
         if doc["format"] != _FORMAT:
             return None
         ops = [_Op(kind, rel, staged, before) for kind, rel, staged, before in doc["ops"]]
-        start_ns = int(doc["start_ns"])
-    except (ValueError, KeyError, TypeError):
+        start_ns = doc["start_ns"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    # Strictly what _encode_journal writes: an int (never 1e400, NaN, a string).
+    if type(start_ns) is not int:
         return None
     for op in ops:
         if op.kind not in ("write", "delete") or not _journal_rel_ok(op.rel):
@@ -1197,13 +1200,16 @@ class AtomicBatch:
                 self.discard()
             raise
         locker = _locker(self._root)
+        # The acquisition is inside the try whose finally releases (a fresh
+        # locker: release_lock is a no-op unless it holds), so an interrupt
+        # handled as the call returns cannot leave the lock held.
         try:
-            if not locker.acquire_exclusive_lock(self.timeout):
-                raise LockTimeout(locker.lock_dir, "exclusive", self.timeout)
-        except BaseException:
-            self.discard()
-            raise
-        try:
+            try:
+                if not locker.acquire_exclusive_lock(self.timeout):
+                    raise LockTimeout(locker.lock_dir, "exclusive", self.timeout)
+            except BaseException:
+                self.discard()
+                raise
             if single is not None:
                 self._commit_one(single, started, locked=True)
             else:

@@ -150,8 +150,11 @@ def update_lock_dir(path: StrPath) -> Path:
     return Path(directory, _lock_name(name))
 
 
-def _check_lock_dir(lock_dir: str, target: str) -> None:
+def _check_lock_dir(lock_dir: str, target: str) -> bool:
     """Refuse a lock directory a stranger planted: a symlink, a non-directory, another's.
+
+    Returns whether it exists (if not, a stranger may plant one before our
+    ``mkdir``: the caller checks again once the lock is held).
 
     The directory beside the file is a name anyone who can write the
     directory may create first. A symlink would move our markers somewhere
@@ -163,7 +166,7 @@ def _check_lock_dir(lock_dir: str, target: str) -> None:
     try:
         st = os.lstat(lock_dir)
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISLNK(st.st_mode):
         raise OSError(errno.ELOOP, "update lock directory is a symlink; refusing it", lock_dir)
     if not stat.S_ISDIR(st.st_mode):
@@ -171,12 +174,12 @@ def _check_lock_dir(lock_dir: str, target: str) -> None:
             errno.ENOTDIR, "update lock path exists and is not a directory", lock_dir
         )
     if sys.platform == "win32":  # no owners to compare, no sticky bit
-        return
+        return True
     if st.st_uid in (0, os.geteuid()):
-        return
+        return True
     with contextlib.suppress(OSError):
         if os.stat(target).st_uid == st.st_uid:
-            return  # the file's owner made it
+            return True  # the file's owner made it
     parent = os.stat(os.path.dirname(lock_dir))
     if parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH:
         raise PermissionError(
@@ -185,6 +188,7 @@ def _check_lock_dir(lock_dir: str, target: str) -> None:
             "world-writable directory; refusing it",
             lock_dir,
         )
+    return True
 
 
 # Each thread keeps its lockers (a DirectoryLocker per lock directory, the
@@ -240,7 +244,7 @@ def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[s
         raise FileNotFoundError(errno.ENOENT, "file does not exist (and no default)", target)
     directory, name = os.path.split(target)
     lock_dir = os.path.join(directory, _lock_name(name))
-    _check_lock_dir(lock_dir, target)
+    existed = _check_lock_dir(lock_dir, target)
     lockers, held = _thread_state()
     if lock_dir in held:
         raise RuntimeError(
@@ -254,9 +258,18 @@ def _locked(path: StrPath, timeout: float | None, *, create: bool) -> Iterator[s
             del lockers[next(iter(lockers))]  # the least recently used
     lockers[lock_dir] = locker
     wait = math.inf if timeout is None else timeout
-    held.add(lock_dir)
     try:
+        held.add(lock_dir)  # inside: an interrupt in add must not leave it there
         with locker.exclusive(timeout=wait):
+            if not existed:
+                # Made since the check: ours, or planted in between (then
+                # our marker went where a stranger chose; it goes now, and
+                # so does the locker, which resolved the planted path).
+                try:
+                    _check_lock_dir(lock_dir, target)
+                except OSError:
+                    lockers.pop(lock_dir, None)
+                    raise
             yield target
     finally:
         held.discard(lock_dir)
