@@ -122,12 +122,15 @@ def test_an_interrupt_before_the_update_lock_never_refuses_later_updates(
     assert lockers is update_mod._thread_state()[0]
 
 
-@pytest.mark.parametrize("files", [1, 2], ids=["one-op", "journaled"])
+@pytest.mark.parametrize("files", [0, 2], ids=["one-delete", "journaled"])
 def test_an_interrupt_as_the_batch_lock_call_returns_leaves_it_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: int
 ) -> None:
+    # (A batch of one write takes no lock when nothing waits for recovery;
+    # a lone delete and a journaled batch do.)
     root = tmp_path / "root"
     root.mkdir()
+    (root / "old.txt").write_text("old")
     spy = _InterruptOnce(DirectoryLocker.acquire_exclusive_lock)
 
     def acquire(self: DirectoryLocker, timeout: float = 5.0) -> object:
@@ -137,9 +140,11 @@ def test_an_interrupt_as_the_batch_lock_call_returns_leaves_it_free(
     batch = AtomicBatch(root, timeout=1)
     for i in range(files):
         batch.write(f"f{i}.txt", "new")
+    if not files:
+        batch.delete("old.txt")
     with pytest.raises(KeyboardInterrupt):
         batch.commit()  # the lock was taken; the interrupt lands as the call returns
     assert spy.hits == 1
-    assert sorted(os.listdir(root)) == [HIDDEN_DIR]
+    assert sorted(os.listdir(root)) == sorted([HIDDEN_DIR, "old.txt"])
     assert sorted(os.listdir(root / HIDDEN_DIR)) == ["lock"]
     _lock_is_free(root / HIDDEN_DIR / "lock")
