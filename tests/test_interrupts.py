@@ -148,3 +148,70 @@ def test_an_interrupt_as_the_batch_lock_call_returns_leaves_it_free(
     assert sorted(os.listdir(root)) == sorted([HIDDEN_DIR, "old.txt"])
     assert sorted(os.listdir(root / HIDDEN_DIR)) == ["lock"]
     _lock_is_free(root / HIDDEN_DIR / "lock")
+
+
+def _interrupt_acquire(monkeypatch: pytest.MonkeyPatch) -> _InterruptOnce:
+    """Interrupt as ``_acquire`` returns: the lock is taken, the ``with`` body not entered."""
+    spy = _InterruptOnce(DirectoryLocker._acquire)
+
+    def acquire(self: DirectoryLocker, mode: str, timeout: float) -> object:
+        return spy(self, mode, timeout)
+
+    monkeypatch.setattr(DirectoryLocker, "_acquire", acquire)
+    return spy
+
+
+@pytest.mark.parametrize("mode", ["shared", "exclusive"])
+def test_an_interrupt_as_the_with_block_takes_the_lock_leaves_it_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    lock_dir = tmp_path / "lock"
+    locker = DirectoryLocker(lock_dir)
+    spy = _interrupt_acquire(monkeypatch)
+    held = locker.shared if mode == "shared" else locker.exclusive
+    with pytest.raises(KeyboardInterrupt), held(timeout=1):
+        pytest.fail("the block must not run")  # pragma: no cover
+    assert spy.hits == 1
+    _lock_is_free(lock_dir)
+    with held(timeout=1):  # the instance is usable again
+        pass
+    _lock_is_free(lock_dir)
+
+
+def test_an_interrupted_inner_with_block_keeps_the_outer_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock_dir = tmp_path / "lock"
+    locker = DirectoryLocker(lock_dir)
+    other = DirectoryLocker(lock_dir)
+    with locker.exclusive(timeout=1):
+        spy = _interrupt_acquire(monkeypatch)
+        with pytest.raises(KeyboardInterrupt), locker.exclusive(timeout=1):
+            pytest.fail("the block must not run")  # pragma: no cover
+        monkeypatch.undo()
+        assert spy.hits == 1
+        assert not other.acquire_exclusive_lock(timeout=0), "the outer hold was released"
+    _lock_is_free(lock_dir)
+
+
+def test_a_timeout_in_one_thread_never_releases_another_threads_hold(tmp_path: Path) -> None:
+    import threading
+
+    lock_dir = tmp_path / "lock"
+    shared_instance = DirectoryLocker(lock_dir)
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with shared_instance.exclusive(timeout=1):
+            holding.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(10)
+    with pytest.raises(atomic_ops.LockTimeout), shared_instance.exclusive(timeout=0.05):
+        pytest.fail("the block must not run")  # pragma: no cover
+    assert not DirectoryLocker(lock_dir).acquire_exclusive_lock(timeout=0), "hold released"
+    done.set()
+    thread.join(10)
+    _lock_is_free(lock_dir)

@@ -1655,12 +1655,18 @@ class DirectoryLocker:
 
     @contextlib.contextmanager
     def _held(self, mode: LockMode, timeout: float) -> Iterator[None]:
-        if not self._acquire(mode, timeout):
-            raise LockTimeout(self.lock_dir, mode, timeout)
+        me = threading.get_ident()
+        # This thread's hold before the call (a with block inside another):
+        # the finally below releases only the level this call took, even when
+        # an interrupt lands as _acquire returns, before the block begins.
+        before = self._depth if self._thread == me and self._mode is not None else 0
         try:
+            if not self._acquire(mode, timeout):
+                raise LockTimeout(self.lock_dir, mode, timeout)
             yield
         finally:
-            self.release_lock()
+            if self._thread == me and self._mode is not None and self._depth > before:
+                self.release_lock()
 
     # -------------------------------------------------------------- acquire
     def _acquire(self, mode: LockMode, timeout: float) -> bool:
