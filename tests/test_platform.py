@@ -188,3 +188,15 @@ def test_keep_owner_ignores_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(os, "fchown", refuse)
     _platform.keep_owner(7, 12345, 12345)
     assert calls == [(7, 12345, 12345)]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX owners")
+def test_trusted_owner_is_us_or_root(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.write_text("x")
+    assert _platform.trusted_owner(mine.stat())
+    assert _platform.trusted_owner(os.stat("/"))  # root's
+    if os.geteuid() != 0:
+        pytest.skip("making a file of another user needs root")
+    os.chown(mine, 2000, 2000)
+    assert not _platform.trusted_owner(mine.stat())

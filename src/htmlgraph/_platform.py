@@ -15,8 +15,8 @@ calls:
   through a link), :data:`O_NOFOLLOW` and :data:`O_BINARY` (0 where there
   is none);
 * permissions: :func:`set_mode`, :func:`keep_owner`, :func:`umask`, and the
-  kernel's protections for sticky directories, :func:`may_follow_link` and
-  :func:`may_replace`;
+  kernel's protections for sticky directories, :func:`may_follow_link`,
+  :func:`may_replace` and :func:`trusted_owner`;
 * processes: :func:`current_pid`, :func:`hostname`, :func:`pid_exists`,
   :func:`pid_is_zombie`, :func:`pid_namespace`, :func:`process_start_token`,
   :func:`after_fork`.
@@ -65,6 +65,7 @@ __all__ = [
     "set_mode",
     "start_token_seconds",
     "syncfs",
+    "trusted_owner",
     "umask",
     "unlink",
 ]
@@ -198,6 +199,10 @@ if sys.platform == "win32":
 
     def may_replace(path: str, file_stat: os.stat_result) -> bool:
         """Return True: Windows has no sticky directories."""
+        return True
+
+    def trusted_owner(file_stat: os.stat_result) -> bool:
+        """Return True: Windows files have ACLs, not POSIX owners to compare."""
         return True
 
     def _open_process(pid: int) -> int:
@@ -372,6 +377,14 @@ else:
         if parent.st_mode & _STICKY_WORLD != _STICKY_WORLD:
             return True
         return parent.st_uid == link_stat.st_uid
+
+    def trusted_owner(file_stat: os.stat_result) -> bool:
+        """Return whether the file belongs to this process's user or to root.
+
+        What a stranger planted in a shared directory (a lock directory, a
+        batch's hidden or staging directory) is told apart from ours by this.
+        """
+        return file_stat.st_uid in (0, os.geteuid())
 
     def may_replace(path: str, file_stat: os.stat_result) -> bool:
         """Apply the kernel's ``fs.protected_regular`` rule to writing the existing ``path``.

@@ -55,7 +55,6 @@ import logging
 import os
 import shutil
 import stat
-import sys
 import threading
 import time
 import weakref
@@ -321,7 +320,7 @@ def _stranger(st: os.stat_result, real_root: str) -> bool:
     owner's are trusted; so is everything under a root that is not sticky,
     whose writers could change its files directly anyway.
     """
-    if sys.platform == "win32" or st.st_uid in (0, os.geteuid()):
+    if _platform.trusted_owner(st):
         return False
     root_st = os.stat(real_root)
     return bool(root_st.st_mode & stat.S_ISVTX) and root_st.st_uid != st.st_uid

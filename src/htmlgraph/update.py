@@ -31,7 +31,6 @@ import json
 import math
 import os
 import stat
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -173,9 +172,7 @@ def _check_lock_dir(lock_dir: str, target: str) -> bool:
         raise NotADirectoryError(
             errno.ENOTDIR, "update lock path exists and is not a directory", lock_dir
         )
-    if sys.platform == "win32":  # no owners to compare, no sticky bit
-        return True
-    if st.st_uid in (0, os.geteuid()):
+    if _platform.trusted_owner(st):  # (always, on Windows: no owners, no sticky bit)
         return True
     with contextlib.suppress(OSError):
         if os.stat(target).st_uid == st.st_uid:
