@@ -208,6 +208,24 @@ def _run_throughput(
     )
 
 
+def _merge(a: Throughput | None, b: Throughput) -> Throughput:
+    """One cell (contender, read mix) summed over its rounds: ``b`` added to ``a``."""
+    if a is None:
+        return b
+    return Throughput(
+        b.lib,
+        b.read_pct,
+        a.ops + b.ops,
+        a.seconds + b.seconds,
+        a.lost_updates + b.lost_updates,
+        a.torn_reads + b.torn_reads,
+        # Processes are matched by rank (least served with least served): the
+        # fairness of the sum is then the fairness over the whole cell.
+        [x + y for x, y in zip(a.per_process, b.per_process, strict=True)],
+        a.waits + b.waits,
+    )
+
+
 def bench_throughput(
     base: Path, quick: bool, log: Callable[[str], None], procs: int = 8
 ) -> tuple[str, list[Throughput]]:
@@ -229,19 +247,7 @@ def bench_throughput(
             for lib in order:
                 seed += 100
                 t = _run_throughput(lib, base, mix, procs, duration, seed)
-                prev = acc.get((lib, mix))
-                if prev is not None:
-                    t = Throughput(
-                        lib,
-                        mix,
-                        prev.ops + t.ops,
-                        prev.seconds + t.seconds,
-                        prev.lost_updates + t.lost_updates,
-                        prev.torn_reads + t.torn_reads,
-                        [a + b for a, b in zip(prev.per_process, t.per_process, strict=True)],
-                        prev.waits + t.waits,
-                    )
-                acc[(lib, mix)] = t
+                acc[(lib, mix)] = _merge(acc.get((lib, mix)), t)
     rows = []
     for lib in libs:
         row = [lib]
@@ -275,23 +281,6 @@ def bench_throughput(
 
 
 # --- bounded barging: the politeness threshold swept (issue 13, third attempt) ---------
-
-
-def _merge(a: Throughput | None, b: Throughput) -> Throughput:
-    if a is None:
-        return b
-    return Throughput(
-        b.lib,
-        b.read_pct,
-        a.ops + b.ops,
-        a.seconds + b.seconds,
-        a.lost_updates + b.lost_updates,
-        a.torn_reads + b.torn_reads,
-        # Processes are matched by rank (least served with least served): the
-        # fairness of the sum is then the fairness over the whole cell.
-        [x + y for x, y in zip(a.per_process, b.per_process, strict=True)],
-        a.waits + b.waits,
-    )
 
 
 def sweep_polite(

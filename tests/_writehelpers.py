@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
@@ -63,6 +63,29 @@ def temp_names(directory: str | os.PathLike[str]) -> list[str]:
 def is_root() -> bool:
     """Return whether this process runs as root (POSIX only)."""
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# A second, real user for the hostile-ground tests (root only).
+STRANGER = 2000
+
+
+def as_stranger(action: Callable[[], None]) -> None:
+    """Run ``action`` in a forked child with the stranger's uid and gid; fail on its error."""
+    if sys.platform == "win32":
+        raise RuntimeError("no fork and no POSIX users on Windows")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(STRANGER)
+            os.setuid(STRANGER)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the stranger's action failed"
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from _writehelpers import is_root, world_traversable_dir
+from _writehelpers import STRANGER, as_stranger, is_root, world_traversable_dir
 from crashlab.batchchild import tree
 from htmlgraph import AtomicBatch, _platform, atomic_write, read_snapshot, recover
 from htmlgraph.batch import HIDDEN_DIR, RecoveryReport
@@ -33,25 +33,6 @@ if sys.platform == "win32":
     pytest.skip("POSIX owners, sticky directories and file types", allow_module_level=True)
 
 needs_root = pytest.mark.skipif(not is_root(), reason="needs root (a second, real user)")
-
-STRANGER = 2000
-
-
-def as_stranger(action: Callable[[], None]) -> None:
-    """Run ``action`` in a forked child with the stranger's uid and gid; fail on its error."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(STRANGER)
-            os.setuid(STRANGER)
-            action()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the stranger's action failed"
 
 
 def plant_journal(txn: Path, ops: list[list[object]]) -> None:

@@ -96,12 +96,14 @@ def test_an_interrupt_as_the_batch_lock_is_taken_leaves_it_free(
 class _InterruptingSet(set[str]):
     """The thread's set of files being updated; ``add`` is interrupted once, after adding."""
 
-    hits = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits = 0
 
     def add(self, element: str) -> None:
         super().add(element)
-        _InterruptingSet.hits += 1
-        if _InterruptingSet.hits == 1:
+        self.hits += 1
+        if self.hits == 1:
             raise KeyboardInterrupt
 
 
@@ -111,10 +113,11 @@ def test_an_interrupt_before_the_update_lock_never_refuses_later_updates(
     target = tmp_path / "state.json"
     target.write_text('{"n": 0}')
     lockers, _ = update_mod._thread_state()
-    monkeypatch.setattr(update_mod._local, "held", _InterruptingSet())
+    held = _InterruptingSet()
+    monkeypatch.setattr(update_mod._local, "held", held)
     with pytest.raises(KeyboardInterrupt):
         atomic_json_update(target, lambda d: {"n": d["n"] + 1})
-    assert _InterruptingSet.hits == 1
+    assert held.hits == 1
     # Before the fix: RuntimeError "already being updated by this thread", forever.
     atomic_json_update(target, lambda d: {"n": d["n"] + 1})
     assert '"n": 1' in target.read_text()

@@ -12,36 +12,16 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from collections.abc import Callable
 
 import pytest
 
-from _writehelpers import is_root, world_traversable_dir
+from _writehelpers import as_stranger, is_root, world_traversable_dir
 from htmlgraph import atomic_json_update
 from htmlgraph import update as update_mod
 from htmlgraph.update import update_lock_dir
 
 if sys.platform == "win32":
     pytest.skip("POSIX owners and sticky directories", allow_module_level=True)
-
-STRANGER = 2000
-
-
-def as_stranger(action: Callable[[], None]) -> None:
-    """Run ``action`` in a forked child with the stranger's uid and gid; fail on its error."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(STRANGER)
-            os.setuid(STRANGER)
-            action()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the stranger's action failed"
 
 
 @pytest.mark.skipif(not is_root(), reason="needs root (a second, real user)")

@@ -1278,7 +1278,6 @@ _PUBLISH_ATTEMPTS = 16
 _RECORD_MAX = 4096
 _MARKER_MODE = 0o644  # peers of other users must be able to read the record
 
-
 # Never block on a FIFO a stranger named like a marker; never follow a link.
 _O_MARKER_READ = _platform.O_READ | _platform.O_NOFOLLOW
 
