@@ -787,3 +787,23 @@ def test_a_lone_syncfs_write_leaks_no_descriptor(root: Path) -> None:
     assert open_fds() == before
     assert (root / "a.txt").read_bytes() == b"4"
     assert library_leftovers(root) == []
+
+
+def test_a_lone_write_clears_a_dead_writers_staging_first(root: Path) -> None:
+    """A killed writer's journal-less staging is cleared before a lone write, as by any batch."""
+    make_old(root)
+    _crash_at(root, "locked")  # staged, no journal yet: never committed
+    assert library_leftovers(root) != []
+    holder = _hold_root_lock(root)
+    try:
+        # Something to clear: the lone write takes the lock, so it must wait.
+        waits = AtomicBatch(root, timeout=0)
+        waits.write("extra.txt", b"x")
+        with pytest.raises(htmlgraph.LockTimeout):
+            waits.commit()
+    finally:
+        holder.release_lock()
+    with AtomicBatch(root) as batch:
+        batch.write("extra.txt", b"x")
+    assert tree(root) == {**OLD_TREE, "extra.txt": b"x"}
+    assert library_leftovers(root) == []

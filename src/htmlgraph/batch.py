@@ -609,18 +609,25 @@ def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryRepor
     return RecoveryReport(finished, discarded, tuple(applied), tuple(kept))
 
 
-def _needs_recovery(real_root: str) -> bool:
+def _needs_recovery(real_root: str, *, abandoned: bool = False) -> bool:
+    """Is there a committed journal to finish (``abandoned``: or a dead writer's staging)?"""
     hidden = os.path.join(real_root, HIDDEN_DIR)
     try:
         names = os.listdir(hidden)
     except (FileNotFoundError, NotADirectoryError):
         return False
-    return any(
-        name.startswith(_TXN_PREFIX)
-        and os.path.lexists(os.path.join(hidden, name, _JOURNAL))
-        and _txn_usable(os.path.join(hidden, name), real_root)
-        for name in names
-    )
+    for name in names:
+        path = os.path.join(hidden, name)
+        if name.startswith(_TXN_PREFIX):
+            if not _txn_usable(path, real_root):
+                continue
+            if os.path.lexists(os.path.join(path, _JOURNAL)):
+                return True
+            if abandoned and _owner_gone(name):
+                return True
+        elif abandoned and name.startswith(_LONE_PREFIX) and _owner_gone(name, _LONE_PREFIX):
+            return True
+    return False
 
 
 def recover(root: StrPath, *, timeout: float = _DEFAULT_TIMEOUT) -> RecoveryReport:
@@ -1186,9 +1193,10 @@ class AtomicBatch:
                     # durable before the lock, so the lock is held for less.
                     _sync_file_by_name(self._staged_path(single))
                     _step("one-durable")
-                if not _needs_recovery(self._root):
-                    # Nothing to finish first: one rename, as atomic_write does,
-                    # needs no lock (docs/batch.md, "A batch of one operation").
+                if not _needs_recovery(self._root, abandoned=True):
+                    # Nothing to finish or clear first: one rename, as
+                    # atomic_write does, needs no lock (docs/batch.md, "A batch
+                    # of one operation").
                     try:
                         self._commit_one(single, started, locked=False)
                     finally:
@@ -1229,9 +1237,10 @@ class AtomicBatch:
 
         The caller (``durable``) has made a staged file durable and, when
         ``locked``, holds the lock: then any interrupted batch is recovered
-        first. A write goes unlocked when no journal waits for recovery
-        (the caller checked): like ``atomic_write``, it is one atomic rename,
-        and a batch that commits meanwhile treats it as a later write.
+        first. A write goes unlocked when nothing waits for recovery - no
+        committed journal, no dead writer's staging (the caller checked):
+        like ``atomic_write``, it is one atomic rename, and a batch that
+        commits meanwhile treats it as a later write.
         Before the rename (or unlink) nothing under root changed and an error
         discards the batch; after it the batch is committed, and an error (a
         failed directory fsync) is raised with the change in place.
