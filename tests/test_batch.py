@@ -807,3 +807,49 @@ def test_a_lone_write_clears_a_dead_writers_staging_first(root: Path) -> None:
         batch.write("extra.txt", b"x")
     assert tree(root) == {**OLD_TREE, "extra.txt": b"x"}
     assert library_leftovers(root) == []
+
+
+@pytest.mark.parametrize("missing_ok", [True, False])
+@pytest.mark.parametrize(
+    "deletes", [["nodes/b.html"], ["nodes/b.html", "deep/er/c.bin"]], ids=["one", "two"]
+)
+@pytest.mark.parametrize("write", [False, True], ids=["deletes", "write-and-deletes"])
+def test_deletes_see_what_a_committed_batch_made(
+    root: Path, write: bool, deletes: list[str], missing_ok: bool
+) -> None:
+    """A delete of a file only a committed, unfinished batch has made still deletes it.
+
+    The kill torture found this: the files were missing when the deletes were
+    added, so the commit dropped them, then finished the waiting batch, which
+    made them - leaving a tree that mixed two batches.
+    """
+    make_old(root)
+    _crash_at(root, "committed")  # nodes/b.html and deep/er/c.bin exist only in its journal
+    assert tree(root) == OLD_TREE
+    with AtomicBatch(root) as batch:
+        if write:
+            batch.write("extra.txt", b"x")
+        for rel in deletes:
+            batch.delete(rel, missing_ok=missing_ok)
+    expected = {rel: data for rel, data in NEW_TREE.items() if rel not in deletes}
+    if write:
+        expected["extra.txt"] = b"x"
+    assert tree(root) == expected
+    assert library_leftovers(root) == []
+
+
+def test_deletes_of_files_gone_change_nothing(root: Path) -> None:
+    """Deletes that find nothing to delete commit as a no-op: no journal, nothing left."""
+    make_old(root)
+    journals: list[str] = []
+    saved = batch_mod._step
+    batch_mod._step = journals.append
+    try:
+        with AtomicBatch(root) as batch:
+            batch.delete("nodes/none.html", missing_ok=True)
+            batch.delete("deep/none.bin", missing_ok=True)
+    finally:
+        batch_mod._step = saved
+    assert journals == ["locked"]  # judged under the lock, then nothing written
+    assert tree(root) == OLD_TREE
+    assert library_leftovers(root) == []

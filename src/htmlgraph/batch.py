@@ -1121,11 +1121,18 @@ class AtomicBatch:
         """Delete ``path`` (a file or a symlink, never followed) with the batch.
 
         Raises:
-            FileNotFoundError: ``path`` does not exist and ``missing_ok`` is false.
+            FileNotFoundError: ``path`` does not exist and ``missing_ok`` is
+                false (also once an interrupted batch that committed, which
+                might have made it, was finished).
             IsADirectoryError: ``path`` names a directory.
             ValueError: As for :meth:`write`.
         """
         entry = self._add("delete", path)
+        if entry.target.lstat is None and not missing_ok and _needs_recovery(self._root):
+            # A batch that committed but was not finished may have made it:
+            # finish that batch (under the lock), then look again.
+            recover(self._root, timeout=self.timeout)
+            entry = self._add("delete", path)
         if entry.target.lstat is None and not missing_ok:
             raise FileNotFoundError(errno.ENOENT, "batch delete of a missing file", entry.given)
         entry.missing_ok = missing_ok
@@ -1175,14 +1182,16 @@ class AtomicBatch:
         for entry in self._entries:
             if entry.stream is not None and not entry.stream.closed:
                 raise RuntimeError(f"close the stream of {entry.given!r} before committing")
-        ops = [e for e in self._entries if not (e.kind == "delete" and e.target.lstat is None)]
-        if not ops:
+        if not self._entries:
             self.discard()
             self._state = "committed"
             return
         # One operation needs no journal: one rename (or unlink) is atomic by
-        # itself (docs/batch.md, "A batch of one operation").
-        single = ops[0] if len(ops) == 1 else None
+        # itself (docs/batch.md, "A batch of one operation"). A missing_ok
+        # delete of a file missing when it was added still counts: a batch
+        # that committed meanwhile (or waits to be finished) may have made the
+        # file, so only the commit, after recovery, may judge it gone.
+        single = self._entries[0] if len(self._entries) == 1 else None
         started = time.perf_counter()
         try:
             if single is None:
@@ -1309,6 +1318,11 @@ class AtomicBatch:
         try:
             _recover_locked(self._root, skip=txn)
             _step("locked")
+            if all(e.kind == "delete" and _lstat(e.target.path) is None for e in self._entries):
+                # Only deletes, each of a file already gone: nothing to change.
+                self.discard()
+                self._state = "committed"
+                return
             pending = os.path.join(txn, _PENDING)
             fd = os.open(pending, _platform.O_NEW_FILE, 0o600)
             try:
