@@ -587,6 +587,18 @@ def test_cli_batch_and_recover(root: Path, tmp_path: Path) -> None:
     assert "missing" in proc.stderr
 
 
+def test_cli_batch_delete_lists_root_after_recovery(root: Path, tmp_path: Path) -> None:
+    """--delete also deletes the files an interrupted, committed batch was making."""
+    make_old(root)
+    _crash_at(root, "committed")  # nodes/b.html and deep/er/c.bin are only in its journal
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "index.json").write_text(json.dumps({"v": 2}))
+    assert cli.main(["batch", str(root), str(src), "--delete"]) == 0
+    assert tree(root) == {"index.json": b'{"v": 2}'}
+    assert library_leftovers(root) == []
+
+
 def test_cli_batch_without_delete_keeps_other_files(root: Path, tmp_path: Path) -> None:
     make_old(root)
     src = tmp_path / "src"

@@ -1126,6 +1126,8 @@ class AtomicBatch:
                 might have made it, was finished).
             IsADirectoryError: ``path`` names a directory.
             ValueError: As for :meth:`write`.
+            LockTimeout: Finishing that batch needed the root's lock, and it
+                was not acquired within ``timeout``.
         """
         entry = self._add("delete", path)
         if entry.target.lstat is None and not missing_ok and _needs_recovery(self._root):

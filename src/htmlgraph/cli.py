@@ -931,13 +931,17 @@ def _tree_files(top: str, *, skip_own: bool) -> list[str]:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from htmlgraph.batch import AtomicBatch
+    from htmlgraph.batch import AtomicBatch, recover
 
     root: str = args.root
     src: str = args.src
     if not os.path.isdir(src):
         raise _CommandError(f"not a directory: {src}")
     wanted = _tree_files(src, skip_own=False)
+    if args.delete:
+        # ROOT's files are listed below to find what to delete: first finish
+        # an interrupted batch, whose files are ROOT's though not yet in place.
+        recover(root, timeout=args.timeout)
     writes = deletes = 0
     with AtomicBatch(root, durable=not args.no_fsync, timeout=args.timeout) as batch:
         for rel in wanted:
