@@ -4,7 +4,8 @@ The model is ``relative path -> bytes``. Rules commit batches (writes and
 deletes over a small set of paths, some in directories that come and go),
 make plain ``atomic_write`` calls and deletes, discard batches, crash a batch
 at a chosen protocol step (an exception there: before the commit record the
-model is unchanged, after it the batch is in), and run ``recover``. After
+model is unchanged, after it the batch is in), leave a committed batch
+unfinished and build the next batch on top of it, and run ``recover``. After
 every step the tree on disk, ``read_snapshot`` and the model agree, and the
 library's hidden directory holds nothing but its lock directory.
 """
@@ -108,6 +109,45 @@ class BatchMachine(RuleBasedStateMachine):
             batch_mod._step = batch_mod._no_step
         if not hit or hit[0] not in _UNCOMMITTED:
             self._apply(changes)  # committed (or the crash fell after the batch ended)
+
+    @rule(first=ops, then=ops)
+    def unfinished_then_batch(
+        self, first: dict[str, bytes | None], then: dict[str, bytes | None]
+    ) -> None:
+        """``first`` stops right after its commit point, unfinished; ``then`` is built meanwhile.
+
+        ``then`` is staged against a tree that lacks ``first``'s changes (they
+        are only in its journal), and must still land on top of them.
+        """
+        hit: list[str] = []
+
+        def step(name: str) -> None:
+            if name == "committed":
+                hit.append(name)
+                raise _Crash(name)
+
+        def cannot_finish(*args: object) -> None:
+            raise OSError("the writer is gone")
+
+        saved = batch_mod._roll_forward
+        batch_mod._step = step
+        batch_mod._roll_forward = cannot_finish  # type: ignore[assignment]
+        try:
+            with AtomicBatch(self.root) as batch:
+                self._fill(batch, first)
+        except _Crash:
+            pass
+        finally:
+            batch_mod._step = batch_mod._no_step
+            batch_mod._roll_forward = saved
+        self._apply(first)  # committed, finished or not
+        if hit:  # a journal waits (a batch of one operation has none)
+            assert (self.root / batch_mod.HIDDEN_DIR).exists()
+        with AtomicBatch(self.root) as batch:
+            self._fill(batch, then)
+        self._apply(then)
+        if not then:  # an empty batch does nothing, recovery included
+            assert recover(self.root).finished == len(hit)
 
     @rule(rel=st.sampled_from(PATHS), data=contents)
     def plain_write(self, rel: str, data: bytes) -> None:
