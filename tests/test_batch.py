@@ -355,6 +355,25 @@ def test_target_turned_directory_before_commit_changes_nothing(root: Path) -> No
     assert library_leftovers(root) == []
 
 
+@pytest.mark.parametrize("others", [0, 1], ids=["one-write", "journaled"])
+def test_parent_turned_file_before_commit_changes_nothing(root: Path, others: int) -> None:
+    """A write whose directory became a file meanwhile fails the whole batch, before any change.
+
+    (Found in review: the journaled batch committed, then could not make the
+    directory and left the batch half-applied.)
+    """
+    make_old(root)
+    batch = AtomicBatch(root)
+    batch.write("fresh/x.txt", "new")
+    for _ in range(others):
+        batch.write("index.json", "new")
+    atomic_write(root / "fresh", b"a plain file")  # someone else's write, after the add
+    with pytest.raises(NotADirectoryError, match=r"fresh/x\.txt"):
+        batch.commit()
+    assert tree(root) == {**OLD_TREE, "fresh": b"a plain file"}
+    assert library_leftovers(root) == []
+
+
 # --------------------------------------------------------------------------
 # Recovery
 # --------------------------------------------------------------------------

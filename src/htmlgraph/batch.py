@@ -769,6 +769,28 @@ class _Entry:
         self.stream: IO[bytes] | IO[str] | None = None
 
 
+def _target_now(entry: _Entry) -> os.stat_result | None:
+    """The target as the commit finds it, checked before anything changes (None: missing).
+
+    Something else may have changed it since it was added: a target that
+    became a directory, or a write whose parent became a file (its directory
+    could not be made), fails the commit while nothing has changed yet.
+    """
+    try:
+        st = os.lstat(entry.target.path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        if entry.kind == "delete":
+            return None  # no file can be there
+        raise NotADirectoryError(
+            errno.ENOTDIR, "a parent of the batch path is not a directory", entry.given
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "batch path names a directory", entry.given)
+    return st
+
+
 class AtomicBatch:
     """Write and delete many files under one root, all or nothing.
 
@@ -1263,9 +1285,7 @@ class AtomicBatch:
             if locked:
                 _recover_locked(self._root, skip=self._txn)
             _step("one-checked")
-            now = _lstat(target)
-            if now is not None and stat.S_ISDIR(now.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "batch path names a directory", entry.given)
+            now = _target_now(entry)
             dirs = {directory}
             if entry.kind == "write":
                 staged = self._staged_path(entry)
@@ -1333,11 +1353,7 @@ class AtomicBatch:
                 start_ns = os.fstat(fd).st_mtime_ns
                 ops: list[_Op] = []
                 for entry in self._entries:
-                    now = _lstat(entry.target.path)
-                    if now is not None and stat.S_ISDIR(now.st_mode):
-                        raise IsADirectoryError(
-                            errno.EISDIR, "batch path names a directory", entry.given
-                        )
+                    now = _target_now(entry)
                     if entry.kind == "delete" and now is None:
                         if entry.missing_ok:
                             continue
