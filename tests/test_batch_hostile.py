@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from _writehelpers import STRANGER, as_stranger, is_root, world_traversable_dir
-from crashlab.batchchild import tree
+from crashlab.batchchild import library_leftovers, tree
 from htmlgraph import AtomicBatch, _platform, atomic_write, read_snapshot, recover
 from htmlgraph.batch import HIDDEN_DIR, RecoveryReport
 
@@ -274,3 +274,78 @@ def test_a_journal_with_an_odd_start_is_not_ours_and_never_stops_recovery(
     assert recover(root) == RecoveryReport(discarded=1)  # never committed by us: discarded
     assert tree(root) == {"victim.txt": VICTIMS["victim.txt"]}
     assert sorted(os.listdir(root / HIDDEN_DIR)) == ["lock"]
+
+
+@pytest.fixture
+def strangers_root() -> Iterator[Path]:
+    """A root the stranger owns, holding a file of theirs, a directory of root's they may
+    only read (``ro/``) and a sticky one their group may write (``team/``, 0o1770); each
+    directory holds a file of root's."""
+    with world_traversable_dir() as base:
+        site = base / "site"
+        site.mkdir()
+        (site / "mine.txt").write_text("old")
+        os.chown(site / "mine.txt", STRANGER, STRANGER)
+        os.chown(site, STRANGER, STRANGER)
+        for name, mode in (("ro", 0o755), ("team", 0o1770)):
+            (site / name).mkdir()
+            (site / name / "roots.txt").write_text("root's")
+            os.chown(site / name, 0, STRANGER)
+            (site / name).chmod(mode)
+        yield site
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("kind", "rel"),
+    [
+        ("write", "ro/roots.txt"),
+        ("write", "ro/new.txt"),
+        ("write", "team/roots.txt"),
+        ("delete", "ro/roots.txt"),
+        ("delete", "team/roots.txt"),
+    ],
+)
+def test_a_change_the_kernel_would_refuse_is_refused_before_the_commit(
+    strangers_root: Path, kind: str, rel: str
+) -> None:
+    """A rename or unlink the kernel refuses is refused when added, never after the commit point.
+
+    Before, the batch committed its journal, then the kernel refused the
+    rename or unlink: the batch stayed half-applied, and every later batch,
+    recover and read_snapshot on the root failed on the same refusal.
+    """
+
+    def try_it() -> None:
+        batch = AtomicBatch(strangers_root, timeout=5)
+        batch.write("mine.txt", "new")
+
+        def change() -> None:
+            if kind == "write":
+                batch.write(rel, "the stranger's")
+            else:
+                batch.delete(rel)
+
+        with pytest.raises(PermissionError) as info:
+            change()
+        assert info.value.filename == rel
+        batch.commit()  # the refused change left the batch usable
+        with AtomicBatch(strangers_root, timeout=5) as after:  # and the root too
+            after.write("later.txt", "x")
+
+    as_stranger(try_it)
+    assert tree(strangers_root) == {
+        "mine.txt": b"new",
+        "later.txt": b"x",
+        "ro/roots.txt": b"root's",
+        "team/roots.txt": b"root's",
+    }
+    assert library_leftovers(strangers_root) == []
+
+
+@needs_root
+def test_root_may_change_what_a_stranger_may_not(strangers_root: Path) -> None:
+    with AtomicBatch(strangers_root, timeout=5) as batch:
+        batch.write("ro/roots.txt", "new")
+        batch.delete("team/roots.txt")
+    assert tree(strangers_root) == {"mine.txt": b"old", "ro/roots.txt": b"new"}

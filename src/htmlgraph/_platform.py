@@ -205,6 +205,14 @@ if sys.platform == "win32":
         """Return True: Windows files have ACLs, not POSIX owners to compare."""
         return True
 
+    def may_change_entries(directory: str) -> bool:
+        """Return True: Windows has no directory write bit (a refusal shows at the rename)."""
+        return True
+
+    def may_remove(dir_stat: os.stat_result, file_stat: os.stat_result) -> bool:
+        """Return True: Windows has no sticky directories."""
+        return True
+
     def _open_process(pid: int) -> int:
         handle: int = _kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
         return handle
@@ -355,6 +363,8 @@ else:
             os.umask(mask)
         return mask
 
+    _EFFECTIVE_ACCESS = os.access in os.supports_effective_ids
+
     def _sysctl(name: str, default: int) -> int:
         """Return the integer sysctl ``fs.<name>`` (Linux), or ``default``."""
         try:
@@ -406,6 +416,25 @@ else:
         if parent.st_mode & stat.S_IWOTH:
             return False
         return not (level >= 2 and parent.st_mode & stat.S_IWGRP)
+
+    def may_change_entries(directory: str) -> bool:
+        """May this process create, rename and remove names in ``directory``?
+
+        Write and search permission, for the effective ids, as the kernel
+        judges it (ACLs and a read-only mount included): ``faccessat``.
+        """
+        return os.access(directory, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE_ACCESS)
+
+    def may_remove(dir_stat: os.stat_result, file_stat: os.stat_result) -> bool:
+        """Apply the sticky bit to renaming over, or unlinking, a file (``check_sticky``).
+
+        In a sticky directory only the file's owner, the directory's owner
+        and root may remove or replace a name, whatever the write bits say.
+        """
+        if not dir_stat.st_mode & stat.S_ISVTX:
+            return True
+        euid = os.geteuid()
+        return euid in (0, file_stat.st_uid, dir_stat.st_uid)
 
     def pid_exists(pid: int) -> bool:
         """Return whether a process with id ``pid`` exists (``kill(pid, 0)``; EPERM: it does)."""

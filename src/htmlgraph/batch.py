@@ -857,7 +857,7 @@ class AtomicBatch:
         self._lone_finalizer: weakref.finalize[[str], AtomicBatch] | None = None
         self._staged_count = 0
         self._parents: dict[str, str] = {}  # resolved parent directories
-        self._devices: dict[str, int] = {}  # st_dev of the directories seen
+        self._dir_stats: dict[str, os.stat_result] = {}  # the directories changes land in
         self._state: Literal["open", "committed", "discarded"] = "open"
         self._finalizer: weakref.finalize[[str], AtomicBatch] | None = None
 
@@ -929,15 +929,40 @@ class AtomicBatch:
         for ancestor in ancestors:
             if ancestor in self._by_rel:
                 raise ValueError(f"path lies under {ancestor!r}, a file in this batch: {given!r}")
-        if kind == "write":
-            self._hidden_dir()
-            dev = self._devices.get(target.nearest_dir)
-            if dev is None:
-                dev = self._devices[target.nearest_dir] = os.stat(target.nearest_dir).st_dev
-            if dev != self._txn_dev:
-                # Staged files are renamed into place: one filesystem per root.
-                raise OSError(errno.EXDEV, "batch path is on another filesystem than root", given)
+        if kind == "write" or target.lstat is not None:
+            # Refused now, not after the commit point, where a rename or
+            # unlink the kernel refuses would leave the batch half-applied.
+            dir_st = self._directory(target.nearest_dir, given)
+            if kind == "write":
+                self._hidden_dir()
+                if dir_st.st_dev != self._txn_dev:
+                    # Staged files are renamed into place: one filesystem per root.
+                    raise OSError(
+                        errno.EXDEV, "batch path is on another filesystem than root", given
+                    )
+            if target.lstat is not None and not _platform.may_remove(dir_st, target.lstat):
+                raise PermissionError(
+                    errno.EPERM,
+                    "the batch path is another user's file in a sticky directory: only its "
+                    "owner, the directory's owner or root may replace or delete it",
+                    given,
+                )
         return _Entry(kind, given, target, None)
+
+    def _directory(self, directory: str, given: str) -> os.stat_result:
+        """``directory``, where a change lands, checked once per batch: one we may change."""
+        st = self._dir_stats.get(directory)
+        if st is None:
+            st = os.stat(directory)
+            if not _platform.may_change_entries(directory):
+                raise PermissionError(
+                    errno.EACCES,
+                    f"no permission to create or remove names in {directory!r}, where the "
+                    "batch path lands",
+                    given,
+                )
+            self._dir_stats[directory] = st
+        return st
 
     def _register(self, entry: _Entry) -> None:
         self._entries.append(entry)
@@ -1036,7 +1061,9 @@ class AtomicBatch:
             IsADirectoryError: ``path`` names a directory.
             PermissionError: ``path`` is, or leads through, a file or symlink
                 that ``atomic_write`` would refuse (another user's, in a
-                sticky directory: the kernel's ``fs.protected_*`` rules).
+                sticky directory: the kernel's ``fs.protected_*`` rules), or
+                lands in a directory this process may not change (its write
+                permission, a read-only mount, the sticky bit).
             OSError: ``path`` is a FIFO, socket or device (``EINVAL``).
         """
         if not isinstance(content, (bytes, bytearray, memoryview, str)):
@@ -1147,6 +1174,8 @@ class AtomicBatch:
                 false (also once an interrupted batch that committed, which
                 might have made it, was finished).
             IsADirectoryError: ``path`` names a directory.
+            PermissionError: ``path`` is in a directory this process may not
+                change, or is another user's file in a sticky directory.
             ValueError: As for :meth:`write`.
             LockTimeout: Finishing that batch needed the root's lock, and it
                 was not acquired within ``timeout``.
