@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -717,15 +718,21 @@ def test_a_lone_write_commits_while_another_holds_the_lock(root: Path) -> None:
 
 def test_a_lone_write_finishes_a_committed_batch_first(root: Path) -> None:
     make_old(root)
+    late = AtomicBatch(root, timeout=0)
+    late.write("extra.txt", b"x")  # added before the journal below exists
     _crash_at(root, "committed")  # a batch that committed and died before applying
     assert tree(root) == OLD_TREE
     holder = _hold_root_lock(root)
     try:
-        # A journal waits: the lone write takes the lock, so it must wait too.
+        # A journal waits: a new batch finishes it, under the lock, before it
+        # resolves its first path, so it must wait.
         waits = AtomicBatch(root, timeout=0)
-        waits.write("extra.txt", b"x")
         with pytest.raises(htmlgraph.LockTimeout):
-            waits.commit()
+            waits.write("extra.txt", b"x")
+        # The batch begun before the journal: its lone write takes the lock
+        # at commit, so it must wait too.
+        with pytest.raises(htmlgraph.LockTimeout):
+            late.commit()
     finally:
         holder.release_lock()
     assert not (root / "extra.txt").exists()
@@ -883,4 +890,91 @@ def test_deletes_of_files_gone_change_nothing(root: Path) -> None:
         batch_mod._step = saved
     assert journals == ["locked"]  # judged under the lock, then nothing written
     assert tree(root) == OLD_TREE
+    assert library_leftovers(root) == []
+
+
+def test_plain_deletes_of_files_that_vanished_fail_the_commit(root: Path) -> None:
+    """Deletes without missing_ok still fail when every file vanished before the commit."""
+    (root / "a.txt").write_text("a")
+    (root / "b.txt").write_text("b")
+    batch = AtomicBatch(root)
+    batch.delete("a.txt")
+    batch.delete("b.txt")
+    os.unlink(root / "a.txt")
+    os.unlink(root / "b.txt")
+    with pytest.raises(FileNotFoundError, match=r"a\.txt"):
+        batch.commit()
+    assert tree(root) == {}
+    assert library_leftovers(root) == []
+
+
+def test_a_no_op_batch_counts_no_commit(root: Path) -> None:
+    htmlgraph.metrics.reset()
+    for deletes in (["none.txt"], ["none.txt", "d/none.txt"]):
+        with AtomicBatch(root) as batch:
+            for rel in deletes:
+                batch.delete(rel, missing_ok=True)
+    assert _commits() == 0
+    with AtomicBatch(root) as batch:
+        batch.write("a.txt", "a")
+    assert _commits() == 1
+
+
+def _commits() -> float:
+    counters = htmlgraph.metrics.snapshot()["counters"]
+    assert isinstance(counters, dict)
+    return float(sum(row["value"] for row in counters.get("htmlgraph_batch_commits_total", [])))
+
+
+class _Gone(BaseException):
+    pass
+
+
+def _leave_unfinished(root: Path, fill: Callable[[AtomicBatch], None]) -> None:
+    """Commit a batch whose writer stops right after the commit point: nothing applied."""
+
+    def step(name: str) -> None:
+        if name == "committed":
+            raise _Gone(name)
+
+    def cannot_finish(*args: object) -> None:
+        raise OSError("the writer is gone")
+
+    saved = batch_mod._roll_forward
+    batch_mod._step = step
+    batch_mod._roll_forward = cannot_finish  # type: ignore[assignment]
+    try:
+        with pytest.raises(_Gone), AtomicBatch(root) as batch:
+            fill(batch)
+    finally:
+        batch_mod._step = batch_mod._no_step
+        batch_mod._roll_forward = saved
+
+
+@posix_only
+def test_paths_resolve_against_the_finished_tree(root: Path) -> None:
+    """A batch resolves its paths after a waiting committed batch is finished.
+
+    The waiting batch deletes a symlink and writes a file with mode 0o600;
+    the next batch writes both paths. Before, it resolved them against the
+    unfinished tree: it wrote through the deleted link and gave the file the
+    mode the waiting batch had replaced.
+    """
+    (root / "real.txt").write_text("old")
+    (root / "link.txt").symlink_to("real.txt")
+    (root / "secret.txt").write_text("old")
+    (root / "secret.txt").chmod(0o644)
+
+    def first(batch: AtomicBatch) -> None:
+        batch.delete("link.txt")
+        batch.write("secret.txt", "first", permissions=0o600)
+
+    _leave_unfinished(root, first)
+    assert (root / "link.txt").is_symlink()  # nothing applied yet
+    with AtomicBatch(root) as batch:
+        batch.write("link.txt", "second")
+        batch.write("secret.txt", "second")
+    assert not (root / "link.txt").is_symlink()
+    assert tree(root) == {"real.txt": b"old", "link.txt": b"second", "secret.txt": b"second"}
+    assert stat.S_IMODE(os.stat(root / "secret.txt").st_mode) == 0o600
     assert library_leftovers(root) == []

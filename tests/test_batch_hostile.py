@@ -349,3 +349,110 @@ def test_root_may_change_what_a_stranger_may_not(strangers_root: Path) -> None:
         batch.write("ro/roots.txt", "new")
         batch.delete("team/roots.txt")
     assert tree(strangers_root) == {"mine.txt": b"old", "ro/roots.txt": b"new"}
+
+
+def _as_stranger_with_a_pause(before: Callable[[], object], meanwhile: Callable[[], None]) -> None:
+    """Run ``before()`` as the stranger, then ``meanwhile()`` as root, then what it returned."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(STRANGER)
+            os.setuid(STRANGER)
+            after = before()
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)
+            assert callable(after)
+            after()
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        assert os.read(ready_r, 1) == b"r", "the stranger failed before the pause"
+        meanwhile()
+    finally:
+        os.write(go_w, b"g")
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the stranger's action failed"
+
+
+@needs_root
+@pytest.mark.parametrize("where", ["ro", "team", "chmod"])
+def test_a_change_the_kernel_refuses_since_it_was_added_fails_before_the_commit_point(
+    strangers_root: Path, where: str
+) -> None:
+    """What changed between add and commit is checked again under the lock.
+
+    ``ro``/``team``: a missing_ok delete of a file that was missing when
+    added, and that root then made (in a directory the stranger may not
+    write; in a sticky one). ``chmod``: the stranger's own directory made
+    read-only after a write into it was added. Before, each committed, then
+    failed at the unlink or rename, half-applied, and stopped the stranger's
+    every later batch.
+    """
+    if where == "chmod":
+        (strangers_root / "own").mkdir()
+        os.chown(strangers_root / "own", STRANGER, STRANGER)
+
+    def before() -> Callable[[], None]:
+        batch = AtomicBatch(strangers_root, timeout=5)
+        batch.write("mine.txt", "new")
+        if where == "chmod":
+            batch.write("own/x.txt", "new")
+            (strangers_root / "own").chmod(0o555)
+        else:
+            batch.delete(f"{where}/x.txt", missing_ok=True)
+
+        def after() -> None:
+            with pytest.raises(PermissionError) as info:
+                batch.commit()
+            assert info.value.filename in ("own/x.txt", f"{where}/x.txt")
+            assert (strangers_root / "mine.txt").read_text() == "old"
+            with AtomicBatch(strangers_root, timeout=5) as later:  # the root is not stopped
+                later.write("later.txt", "x")
+
+        return after
+
+    def meanwhile() -> None:
+        if where != "chmod":
+            (strangers_root / where / "x.txt").write_text("root's too")
+
+    _as_stranger_with_a_pause(before, meanwhile)
+    expected = {
+        "mine.txt": b"old",
+        "later.txt": b"x",
+        "ro/roots.txt": b"root's",
+        "team/roots.txt": b"root's",
+    }
+    if where != "chmod":
+        expected[f"{where}/x.txt"] = b"root's too"
+    assert tree(strangers_root) == expected
+    assert library_leftovers(strangers_root) == []
+
+
+@needs_root
+def test_another_users_journal_is_replayed_by_that_user_only(strangers_root: Path) -> None:
+    """A journal the stranger planted in their own (not sticky) root never runs with root's rights.
+
+    Before, root's recovery replayed it: root's file in a directory the
+    stranger may not write was replaced with the stranger's content.
+    """
+    txn = strangers_root / HIDDEN_DIR / "txn-1-0000000000000000-00"
+    ops: list[list[object]] = [["write", "ro/roots.txt", "0", None]]
+    as_stranger(lambda: plant_journal(txn, ops))
+    for call in ("recover", "read_snapshot", "batch-commit"):
+        CALLS[call](strangers_root)  # returns: not refused, and never loops on the journal
+    assert (strangers_root / "ro" / "roots.txt").read_text() == "root's"
+    assert sorted(os.listdir(txn)) == ["0", "journal"]  # left alone: theirs to finish
+
+    def the_strangers_recovery() -> None:
+        with pytest.raises(PermissionError):
+            recover(strangers_root, timeout=5)  # with the stranger's rights: refused
+
+    as_stranger(the_strangers_recovery)
+    assert (strangers_root / "ro" / "roots.txt").read_text() == "root's"

@@ -311,14 +311,14 @@ def _lstat(path: str) -> os.stat_result | None:
 
 
 def _stranger(st: os.stat_result, real_root: str) -> bool:
-    """Is ``st`` (the hidden directory, or a staging directory in it) a stranger's?
+    """Is ``st``, the hidden directory, a stranger's?
 
     In a sticky directory (``/tmp``) other users may create names but not
-    touch ours, so a hidden or staging directory another user made there
-    could hold a journal written to make us overwrite or delete our own
-    files (its CRC is no signature). Ours, root's and the root directory's
-    owner's are trusted; so is everything under a root that is not sticky,
-    whose writers could change its files directly anyway.
+    touch ours, so a hidden directory another user made there is theirs to
+    fill (lock markers, journals): refused. Ours, root's and the root
+    directory's owner's are trusted; so is one under a root that is not
+    sticky, whose writers could replace it anyway. (Staging directories are
+    judged more strictly: :func:`_txn_usable`.)
     """
     if _platform.trusted_owner(st):
         return False
@@ -361,10 +361,15 @@ def _hidden(real_root: str, *, create: bool) -> str:
     return hidden
 
 
-def _txn_usable(txn: str, real_root: str) -> bool:
-    """May recovery act on ``txn``: a real directory (never a symlink), not a stranger's?"""
+def _txn_usable(txn: str) -> bool:
+    """May recovery act on ``txn``: a real directory (never a symlink), ours or root's?
+
+    Another user's journal is replayed by that user only: it could name
+    changes its writer may not make (a file in a directory only we may
+    write), which our recovery, with our privileges, would make for them.
+    """
     st = _lstat(txn)
-    return st is not None and stat.S_ISDIR(st.st_mode) and not _stranger(st, real_root)
+    return st is not None and stat.S_ISDIR(st.st_mode) and _platform.trusted_owner(st)
 
 
 def _locker(real_root: str) -> DirectoryLocker:
@@ -583,9 +588,13 @@ def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryRepor
             continue
         if not name.startswith(_TXN_PREFIX) or txn == skip:
             continue
-        if not _txn_usable(txn, real_root):
+        if not _txn_usable(txn):
             if os.path.lexists(os.path.join(txn, _JOURNAL)):
-                logger.warning("batch recovery: %s is a symlink or a stranger's; left alone", txn)
+                logger.warning(
+                    "batch recovery: %s is a symlink or another user's (theirs to recover); "
+                    "left alone",
+                    txn,
+                )
             continue
         try:
             data: bytes | None = _read_file(os.path.join(txn, _JOURNAL))
@@ -619,7 +628,7 @@ def _needs_recovery(real_root: str, *, abandoned: bool = False) -> bool:
     for name in names:
         path = os.path.join(hidden, name)
         if name.startswith(_TXN_PREFIX):
-            if not _txn_usable(path, real_root):
+            if not _txn_usable(path):
                 continue
             if os.path.lexists(os.path.join(path, _JOURNAL)):
                 return True
@@ -637,9 +646,12 @@ def recover(root: StrPath, *, timeout: float = _DEFAULT_TIMEOUT) -> RecoveryRepo
     staged file still present is renamed into place and each delete not yet
     done is done, except on a target changed after the batch began, which is
     kept. A batch that never committed is discarded (its staged files
-    removed) once its process is gone. Runs under the root's exclusive lock;
-    idempotent, and itself crash-safe (a crash during recovery is recovered
-    next time). Batches and :func:`read_snapshot` call it by themselves.
+    removed) once its process is gone. Only the caller's own batches and
+    root's are touched: another user's journal could name changes that user
+    may not make, so it is left for that user. Runs under the root's
+    exclusive lock; idempotent, and itself crash-safe (a crash during
+    recovery is recovered next time). Batches and :func:`read_snapshot`
+    call it by themselves.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -769,6 +781,53 @@ class _Entry:
         self.stream: IO[bytes] | IO[str] | None = None
 
 
+def _check_change(
+    directory: str,
+    target_st: os.stat_result | None,
+    given: str,
+    checked: dict[str, os.stat_result],
+) -> os.stat_result:
+    """Refuse a change the kernel would refuse; return ``directory``'s stat.
+
+    ``directory`` (existing) is where the name is created, replaced or
+    removed; ``target_st`` the file there now, if any. ``checked`` caches the
+    directories already found changeable.
+
+    Raises:
+        PermissionError: No write and search permission on ``directory``
+            (a read-only mount included), or the target is another user's
+            file in a sticky directory (only its owner, the directory's owner
+            or root may replace or remove it).
+    """
+    st = checked.get(directory)
+    if st is None:
+        st = os.stat(directory)
+        if not _platform.may_change_entries(directory):
+            raise PermissionError(
+                errno.EACCES,
+                f"no permission to create or remove names in {directory!r}, where the "
+                "batch path lands",
+                given,
+            )
+        checked[directory] = st
+    if target_st is not None and not _platform.may_remove(st, target_st):
+        raise PermissionError(
+            errno.EPERM,
+            "the batch path is another user's file in a sticky directory: only its "
+            "owner, the directory's owner or root may replace or delete it",
+            given,
+        )
+    return st
+
+
+def _nearest_dir(path: str) -> str:
+    """The nearest existing directory above ``path`` (where its missing ones will be made)."""
+    nearest = os.path.dirname(path)
+    while not os.path.isdir(nearest):
+        nearest = os.path.dirname(nearest)
+    return nearest
+
+
 def _target_now(entry: _Entry) -> os.stat_result | None:
     """The target as the commit finds it, checked before anything changes (None: missing).
 
@@ -858,6 +917,7 @@ class AtomicBatch:
         self._staged_count = 0
         self._parents: dict[str, str] = {}  # resolved parent directories
         self._dir_stats: dict[str, os.stat_result] = {}  # the directories changes land in
+        self._looked = False  # for a committed batch to finish, before the first path
         self._state: Literal["open", "committed", "discarded"] = "open"
         self._finalizer: weakref.finalize[[str], AtomicBatch] | None = None
 
@@ -914,6 +974,13 @@ class AtomicBatch:
     def _add(self, kind: Literal["write", "delete"], rel: StrPath) -> _Entry:
         """Check ``rel`` (before anything is written) and register it."""
         self._check_open()
+        if not self._looked:
+            # Paths are resolved (symlinks followed, modes kept) against the
+            # tree as it is: first finish a batch that committed and was
+            # interrupted, whose changes belong to that tree.
+            self._looked = True
+            if _needs_recovery(self._root):
+                recover(self._root, timeout=self.timeout)
         parts = _split_rel(rel)
         given = os.fspath(rel)
         write = kind == "write"
@@ -930,9 +997,10 @@ class AtomicBatch:
             if ancestor in self._by_rel:
                 raise ValueError(f"path lies under {ancestor!r}, a file in this batch: {given!r}")
         if kind == "write" or target.lstat is not None:
-            # Refused now, not after the commit point, where a rename or
-            # unlink the kernel refuses would leave the batch half-applied.
-            dir_st = self._directory(target.nearest_dir, given)
+            # Refused now (and checked again at commit), not after the commit
+            # point, where a refused rename or unlink would stop the batch
+            # half-applied.
+            dir_st = _check_change(target.nearest_dir, target.lstat, given, self._dir_stats)
             if kind == "write":
                 self._hidden_dir()
                 if dir_st.st_dev != self._txn_dev:
@@ -940,29 +1008,7 @@ class AtomicBatch:
                     raise OSError(
                         errno.EXDEV, "batch path is on another filesystem than root", given
                     )
-            if target.lstat is not None and not _platform.may_remove(dir_st, target.lstat):
-                raise PermissionError(
-                    errno.EPERM,
-                    "the batch path is another user's file in a sticky directory: only its "
-                    "owner, the directory's owner or root may replace or delete it",
-                    given,
-                )
         return _Entry(kind, given, target, None)
-
-    def _directory(self, directory: str, given: str) -> os.stat_result:
-        """``directory``, where a change lands, checked once per batch: one we may change."""
-        st = self._dir_stats.get(directory)
-        if st is None:
-            st = os.stat(directory)
-            if not _platform.may_change_entries(directory):
-                raise PermissionError(
-                    errno.EACCES,
-                    f"no permission to create or remove names in {directory!r}, where the "
-                    "batch path lands",
-                    given,
-                )
-            self._dir_stats[directory] = st
-        return st
 
     def _register(self, entry: _Entry) -> None:
         self._entries.append(entry)
@@ -1065,6 +1111,9 @@ class AtomicBatch:
                 lands in a directory this process may not change (its write
                 permission, a read-only mount, the sticky bit).
             OSError: ``path`` is a FIFO, socket or device (``EINVAL``).
+            LockTimeout: The first path of a batch finishes a batch that
+                committed and was interrupted, if one waits, under the
+                root's lock, and it was not acquired within ``timeout``.
         """
         if not isinstance(content, (bytes, bytearray, memoryview, str)):
             kind = type(content).__name__
@@ -1179,6 +1228,7 @@ class AtomicBatch:
             ValueError: As for :meth:`write`.
             LockTimeout: Finishing that batch needed the root's lock, and it
                 was not acquired within ``timeout``.
+            OSError: Finishing that batch failed (what stops it is raised).
         """
         entry = self._add("delete", path)
         if entry.target.lstat is None and not missing_ok and _needs_recovery(self._root):
@@ -1352,6 +1402,8 @@ class AtomicBatch:
             raise
         self._retire()
         _step("one-retired")
+        if not dirs:
+            return  # nothing was deleted: no commit to count (as for a no-op batch)
         metrics.counter("htmlgraph_batch_commits_total").inc()
         metrics.histogram("htmlgraph_batch_files").observe(1)
         metrics.histogram("htmlgraph_batch_commit_seconds").observe(time.perf_counter() - started)
@@ -1369,8 +1421,11 @@ class AtomicBatch:
         try:
             _recover_locked(self._root, skip=txn)
             _step("locked")
-            if all(e.kind == "delete" and _lstat(e.target.path) is None for e in self._entries):
-                # Only deletes, each of a file already gone: nothing to change.
+            if all(
+                e.kind == "delete" and e.missing_ok and _lstat(e.target.path) is None
+                for e in self._entries
+            ):
+                # Only missing_ok deletes, each of a file already gone: nothing to change.
                 self.discard()
                 self._state = "committed"
                 return
@@ -1381,6 +1436,7 @@ class AtomicBatch:
                 # modified at or after it was written after the batch began.
                 start_ns = os.fstat(fd).st_mtime_ns
                 ops: list[_Op] = []
+                checked: dict[str, os.stat_result] = {}
                 for entry in self._entries:
                     now = _target_now(entry)
                     if entry.kind == "delete" and now is None:
@@ -1389,6 +1445,10 @@ class AtomicBatch:
                         raise FileNotFoundError(
                             errno.ENOENT, "batch delete of a missing file", entry.given
                         )
+                    # Again under the lock: since the path was added, its
+                    # directory's permissions may have changed, or its target
+                    # appeared (made by a batch recovered just now).
+                    _check_change(_nearest_dir(entry.target.path), now, entry.given, checked)
                     ops.append(_Op(entry.kind, entry.target.rel, entry.staged, _identity_of(now)))
                 data = _encode_journal(start_ns, ops)
                 view = memoryview(data)

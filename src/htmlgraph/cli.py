@@ -931,17 +931,13 @@ def _tree_files(top: str, *, skip_own: bool) -> list[str]:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from htmlgraph.batch import AtomicBatch, recover
+    from htmlgraph.batch import HIDDEN_DIR, AtomicBatch, recover
 
     root: str = args.root
     src: str = args.src
     if not os.path.isdir(src):
         raise _CommandError(f"not a directory: {src}")
     wanted = _tree_files(src, skip_own=False)
-    if args.delete:
-        # ROOT's files are listed below to find what to delete: first finish
-        # an interrupted batch, whose files are ROOT's though not yet in place.
-        recover(root, timeout=args.timeout)
     writes = deletes = 0
     with AtomicBatch(root, durable=not args.no_fsync, timeout=args.timeout) as batch:
         for rel in wanted:
@@ -953,6 +949,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             writes += 1
         if args.delete:
             keep = set(wanted)
+            if os.path.isdir(os.path.join(root, HIDDEN_DIR)):
+                # ROOT's files are listed to find what to delete: first finish
+                # an interrupted batch, whose files are ROOT's though not yet
+                # in place.
+                recover(root, timeout=args.timeout)
             for rel in _tree_files(root, skip_own=True):
                 if rel not in keep:
                     batch.delete(rel, missing_ok=True)
