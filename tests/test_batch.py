@@ -978,3 +978,60 @@ def test_paths_resolve_against_the_finished_tree(root: Path) -> None:
     assert tree(root) == {"real.txt": b"old", "link.txt": b"second", "secret.txt": b"second"}
     assert stat.S_IMODE(os.stat(root / "secret.txt").st_mode) == 0o600
     assert library_leftovers(root) == []
+
+
+def _unlink_and_write_o(batch: AtomicBatch) -> None:
+    batch.delete("link.txt")
+    batch.write("o.txt", "o")
+
+
+@posix_only
+def test_a_first_path_that_timed_out_still_waits_for_the_finished_tree(root: Path) -> None:
+    (root / "real.txt").write_text("old")
+    (root / "link.txt").symlink_to("real.txt")
+    _leave_unfinished(root, _unlink_and_write_o)
+    batch = AtomicBatch(root, timeout=0)
+    holder = _hold_root_lock(root)
+    try:
+        with pytest.raises(htmlgraph.LockTimeout):
+            batch.write("link.txt", "second")  # must finish the waiting batch first
+    finally:
+        holder.release_lock()
+    batch.write("link.txt", "second")  # tries again, and finishes it
+    batch.commit()
+    assert tree(root) == {"real.txt": b"old", "o.txt": b"o", "link.txt": b"second"}
+    assert library_leftovers(root) == []
+
+
+@posix_only
+@pytest.mark.parametrize("others", [0, 1], ids=["one-write", "journaled"])
+def test_a_path_a_batch_finished_meanwhile_redirected_fails_the_commit(
+    root: Path, others: int
+) -> None:
+    """A batch that commits (and dies) after our path was added deletes the symlink on it."""
+    (root / "real.txt").write_text("old")
+    (root / "link.txt").symlink_to("real.txt")
+    batch = AtomicBatch(root)
+    batch.write("link.txt", "second")  # resolved now: real.txt
+    for _ in range(others):
+        batch.write("more.txt", "more")
+    _leave_unfinished(root, _unlink_and_write_o)
+    with pytest.raises(OSError, match="changed where") as info:
+        batch.commit()
+    assert info.value.filename == "link.txt"
+    assert tree(root) == {"real.txt": b"old", "o.txt": b"o"}  # the other batch, finished
+    assert library_leftovers(root) == []
+
+
+@posix_only
+def test_parent_turned_dangling_symlink_before_commit_changes_nothing(root: Path) -> None:
+    batch = AtomicBatch(root)
+    batch.write("fresh/x.txt", "new")
+    batch.write("y.txt", "new")
+    (root / "fresh").symlink_to("nowhere")
+    with pytest.raises(NotADirectoryError, match=r"fresh/x\.txt"):
+        batch.commit()
+    assert not (root / "y.txt").exists()
+    assert (root / "fresh").is_symlink()
+    assert sorted(os.listdir(root)) == sorted([HIDDEN_DIR, "fresh"])
+    assert library_leftovers(root) == []

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,7 +27,15 @@ import pytest
 
 from _writehelpers import STRANGER, as_stranger, is_root, world_traversable_dir
 from crashlab.batchchild import library_leftovers, tree
-from htmlgraph import AtomicBatch, _platform, atomic_write, read_snapshot, recover
+from htmlgraph import (
+    AtomicBatch,
+    DirectoryLocker,
+    _identity,
+    _platform,
+    atomic_write,
+    read_snapshot,
+    recover,
+)
 from htmlgraph.batch import HIDDEN_DIR, RecoveryReport
 
 if sys.platform == "win32":
@@ -436,23 +445,61 @@ def test_a_change_the_kernel_refuses_since_it_was_added_fails_before_the_commit_
 
 
 @needs_root
-def test_another_users_journal_is_replayed_by_that_user_only(strangers_root: Path) -> None:
-    """A journal the stranger planted in their own (not sticky) root never runs with root's rights.
+def test_another_users_journal_is_never_replayed_with_our_rights(strangers_root: Path) -> None:
+    """A journal the stranger wrote in their own (not sticky) root stops root, loudly.
 
     Before, root's recovery replayed it: root's file in a directory the
-    stranger may not write was replaced with the stranger's content.
+    stranger may not write was replaced with the stranger's content. Only
+    the stranger may finish it, with the stranger's rights.
     """
-    txn = strangers_root / HIDDEN_DIR / "txn-1-0000000000000000-00"
+    hidden = strangers_root / HIDDEN_DIR
+    txn = hidden / "txn-1-0000000000000000-00"
     ops: list[list[object]] = [["write", "ro/roots.txt", "0", None]]
-    as_stranger(lambda: plant_journal(txn, ops))
+
+    def plant() -> None:
+        plant_journal(txn, ops)
+        (hidden / "lock").mkdir()  # the stranger's, as the stranger's own batches make it
+
+    as_stranger(plant)
     for call in ("recover", "read_snapshot", "batch-commit"):
-        CALLS[call](strangers_root)  # returns: not refused, and never loops on the journal
+        with pytest.raises(PermissionError, match="only that user") as info:
+            CALLS[call](strangers_root)
+        assert info.value.filename == str(txn)
     assert (strangers_root / "ro" / "roots.txt").read_text() == "root's"
-    assert sorted(os.listdir(txn)) == ["0", "journal"]  # left alone: theirs to finish
+    assert sorted(os.listdir(txn)) == ["0", "journal"]  # left for its user
 
     def the_strangers_recovery() -> None:
-        with pytest.raises(PermissionError):
-            recover(strangers_root, timeout=5)  # with the stranger's rights: refused
+        with pytest.raises(PermissionError) as info:
+            recover(strangers_root, timeout=5)  # with the stranger's rights
+        assert info.value.filename2 == str(strangers_root / "ro" / "roots.txt")
 
     as_stranger(the_strangers_recovery)
     assert (strangers_root / "ro" / "roots.txt").read_text() == "root's"
+
+
+@needs_root
+def test_a_dead_stage_the_caller_cannot_remove_does_not_make_lone_writes_lock(
+    sticky_root: Path, umask: Callable[[int], int]
+) -> None:
+    """Root's dead writer's ``stage-*`` in a sticky hidden directory: the stranger cannot
+    remove it, so it must not make every lone write of theirs take the lock (and wait)."""
+    umask(0)
+    recover(sticky_root)  # root's hidden directory, as open as the sticky root
+    hidden = sticky_root / HIDDEN_DIR
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    pid = child.pid  # gone now
+    tag = _identity.owner_tag(os.getpid())[:8] + "0" * 8
+    (hidden / f"stage-{pid}-{tag}-{'0' * 16}").write_text("a dead writer's")
+    holder = DirectoryLocker(hidden / "lock")
+    assert holder.acquire_shared_lock(timeout=0)  # a snapshot in progress
+    try:
+
+        def lone_write() -> None:
+            with AtomicBatch(sticky_root, timeout=0) as batch:
+                batch.write("mine.txt", "x")
+
+        as_stranger(lone_write)  # LockTimeout before: it took the lock to remove the stage
+    finally:
+        holder.release_lock()
+    assert (sticky_root / "mine.txt").read_text() == "x"

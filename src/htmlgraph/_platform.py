@@ -205,6 +205,10 @@ if sys.platform == "win32":
         """Return True: Windows files have ACLs, not POSIX owners to compare."""
         return True
 
+    def own(file_stat: os.stat_result) -> bool:
+        """Return True: Windows files have ACLs, not POSIX owners to compare."""
+        return True
+
     def may_change_entries(directory: str) -> bool:
         """Return True: Windows has no directory write bit (a refusal shows at the rename)."""
         return True
@@ -395,6 +399,14 @@ else:
         batch's hidden or staging directory) is told apart from ours by this.
         """
         return file_stat.st_uid in (0, os.geteuid())
+
+    def own(file_stat: os.stat_result) -> bool:
+        """Is the file this process's own, not root's or another user's?
+
+        (Root, for whom every file is "trusted", owns only root's: a
+        journal another user wrote is not root's to replay.)
+        """
+        return file_stat.st_uid == os.geteuid()
 
     def may_replace(path: str, file_stat: os.stat_result) -> bool:
         """Apply the kernel's ``fs.protected_regular`` rule to writing the existing ``path``.

@@ -283,12 +283,22 @@ def _resolve(
         raise ValueError(f"batch path resolves into the library's own directory: {given!r}")
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "batch path names a directory", given)
+    return _Target(rel, path, st, _nearest_dir(path, given))
+
+
+def _nearest_dir(path: str, given: str) -> str:
+    """The nearest existing directory above ``path``, where its missing ones will be made.
+
+    Raises:
+        NotADirectoryError: A parent is a file, or a symlink that leads to
+            no directory (no directory could be made there).
+    """
     nearest = os.path.dirname(path)
     while not os.path.isdir(nearest):
         if os.path.lexists(nearest):
             raise NotADirectoryError(errno.ENOTDIR, "a parent of the batch path is a file", given)
         nearest = os.path.dirname(nearest)
-    return _Target(rel, path, st, nearest)
+    return nearest
 
 
 def _identity_of(st: os.stat_result | None) -> list[int] | None:
@@ -361,15 +371,61 @@ def _hidden(real_root: str, *, create: bool) -> str:
     return hidden
 
 
-def _txn_usable(txn: str) -> bool:
-    """May recovery act on ``txn``: a real directory (never a symlink), ours or root's?
+def _txn_state(txn: str, name: str, real_root: str) -> Literal["ours", "skip", "discard"]:
+    """What recovery may do with the staging directory ``txn`` (named ``name``).
 
-    Another user's journal is replayed by that user only: it could name
-    changes its writer may not make (a file in a directory only we may
-    write), which our recovery, with our privileges, would make for them.
+    ``"ours"``: the caller's own; its journal is read, and the batch
+    finished or discarded. Any other user's (root's included, when the
+    caller is not root) is never replayed with the caller's rights - its
+    journal could name changes its writer may not make - so it is
+    ``"skip"``ped while its writer may still be staging, ``"discard"``ed
+    when it never committed and its process is gone (only who may remove it
+    can), and refused loudly when it committed: only its user may finish
+    it. ``"skip"`` also for a symlink, or a stranger's in a sticky root
+    (:func:`_stranger`: never even looked into).
+
+    Raises:
+        PermissionError: Another user's batch committed and is not finished,
+            or it cannot be looked into and its process is gone (it may have
+            committed). It names ``txn``; that user's next batch, recover or
+            read_snapshot finishes it.
     """
     st = _lstat(txn)
-    return st is not None and stat.S_ISDIR(st.st_mode) and _platform.trusted_owner(st)
+    if st is None or not stat.S_ISDIR(st.st_mode) or _stranger(st, real_root):
+        return "skip"
+    if _platform.own(st):
+        return "ours"
+    try:
+        os.lstat(os.path.join(txn, _JOURNAL))
+    except FileNotFoundError:
+        return "discard" if _owner_gone(name) else "skip"
+    except PermissionError:
+        if not _owner_gone(name):
+            return "skip"  # staging, most likely: its writer will commit or discard it
+        raise PermissionError(
+            errno.EACCES,
+            f"an interrupted batch of uid {st.st_uid} cannot be looked into: it may have "
+            "committed, and only that user can finish it (recover, as that user)",
+            txn,
+        ) from None
+    raise PermissionError(
+        errno.EPERM,
+        f"a batch of uid {st.st_uid} committed and is not finished: only that user may "
+        "finish it (recover, as that user), its journal could name changes it may not make",
+        txn,
+    )
+
+
+def _lone_usable(path: str, name: str) -> bool:
+    """Is ``path`` (``stage-*``) a dead writer's staged file that this process may remove?"""
+    if not _owner_gone(name, _LONE_PREFIX):
+        return False
+    st = _lstat(path)
+    return st is not None and (_platform.own(st) or _is_root())  # root may remove any
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def _locker(real_root: str) -> DirectoryLocker:
@@ -577,7 +633,7 @@ def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryRepor
     # lock makes impossible: a journal exists only while its writer holds it.
     for name in names:
         txn = os.path.join(hidden, name)
-        if name.startswith(_LONE_PREFIX) and _owner_gone(name, _LONE_PREFIX):
+        if name.startswith(_LONE_PREFIX) and _lone_usable(txn, name):
             # A one-write batch that never committed (or committed: then this
             # is a second name of the target's inode). Only a name goes.
             with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
@@ -588,13 +644,14 @@ def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryRepor
             continue
         if not name.startswith(_TXN_PREFIX) or txn == skip:
             continue
-        if not _txn_usable(txn):
-            if os.path.lexists(os.path.join(txn, _JOURNAL)):
-                logger.warning(
-                    "batch recovery: %s is a symlink or another user's (theirs to recover); "
-                    "left alone",
-                    txn,
-                )
+        state = _txn_state(txn, name, real_root)
+        if state == "skip":
+            continue
+        if state == "discard":
+            logger.warning("batch recovery: discarding the uncommitted batch %s", txn)
+            _remove_txn(txn)
+            discarded += 1
+            metrics.counter("htmlgraph_batch_recoveries_total", action="rolled_back").inc()
             continue
         try:
             data: bytes | None = _read_file(os.path.join(txn, _JOURNAL))
@@ -628,13 +685,18 @@ def _needs_recovery(real_root: str, *, abandoned: bool = False) -> bool:
     for name in names:
         path = os.path.join(hidden, name)
         if name.startswith(_TXN_PREFIX):
-            if not _txn_usable(path):
+            try:
+                state = _txn_state(path, name, real_root)
+            except PermissionError:
+                return True  # recovery refuses it, loudly
+            if state == "skip":
                 continue
-            if os.path.lexists(os.path.join(path, _JOURNAL)):
-                return True
-            if abandoned and _owner_gone(name):
-                return True
-        elif abandoned and name.startswith(_LONE_PREFIX) and _owner_gone(name, _LONE_PREFIX):
+            if state == "discard" or not os.path.lexists(os.path.join(path, _JOURNAL)):
+                if abandoned and (state == "discard" or _owner_gone(name)):
+                    return True
+                continue
+            return True
+        elif abandoned and name.startswith(_LONE_PREFIX) and _lone_usable(path, name):
             return True
     return False
 
@@ -646,10 +708,12 @@ def recover(root: StrPath, *, timeout: float = _DEFAULT_TIMEOUT) -> RecoveryRepo
     staged file still present is renamed into place and each delete not yet
     done is done, except on a target changed after the batch began, which is
     kept. A batch that never committed is discarded (its staged files
-    removed) once its process is gone. Only the caller's own batches and
-    root's are touched: another user's journal could name changes that user
-    may not make, so it is left for that user. Runs under the root's
-    exclusive lock; idempotent, and itself crash-safe (a crash during
+    removed) once its process is gone. Only the caller's own batches are
+    finished: another user's journal could name changes that user may not
+    make, so a committed batch of another user's is refused with
+    ``PermissionError`` (that user's next batch, recover or snapshot
+    finishes it), and only its staging is removed, by whoever may. Runs
+    under the root's exclusive lock; idempotent, and itself crash-safe (a crash during
     recovery is recovered next time). Batches and :func:`read_snapshot`
     call it by themselves.
 
@@ -820,14 +884,6 @@ def _check_change(
     return st
 
 
-def _nearest_dir(path: str) -> str:
-    """The nearest existing directory above ``path`` (where its missing ones will be made)."""
-    nearest = os.path.dirname(path)
-    while not os.path.isdir(nearest):
-        nearest = os.path.dirname(nearest)
-    return nearest
-
-
 def _target_now(entry: _Entry) -> os.stat_result | None:
     """The target as the commit finds it, checked before anything changes (None: missing).
 
@@ -868,7 +924,8 @@ class AtomicBatch:
     Args:
         root: An existing directory; every path is relative to it.
         durable: fsync so that a returned commit survives a power cut.
-        timeout: Seconds to wait for the root's lock at commit.
+        timeout: Seconds to wait for the root's lock at commit (and at the
+            first path, when an interrupted batch must be finished first).
         sync: How the data is made durable. ``"fsync"`` (default, portable):
             each staged file and directory is fsynced, in parallel threads.
             ``"syncfs"`` (Linux only): one syncfs(2) of root's filesystem
@@ -974,15 +1031,15 @@ class AtomicBatch:
     def _add(self, kind: Literal["write", "delete"], rel: StrPath) -> _Entry:
         """Check ``rel`` (before anything is written) and register it."""
         self._check_open()
+        parts = _split_rel(rel)
+        given = os.fspath(rel)
         if not self._looked:
             # Paths are resolved (symlinks followed, modes kept) against the
             # tree as it is: first finish a batch that committed and was
             # interrupted, whose changes belong to that tree.
-            self._looked = True
             if _needs_recovery(self._root):
                 recover(self._root, timeout=self.timeout)
-        parts = _split_rel(rel)
-        given = os.fspath(rel)
+            self._looked = True
         write = kind == "write"
         target = _resolve(
             self._root, given, parts, follow=write, replace=write, parents=self._parents
@@ -1361,8 +1418,8 @@ class AtomicBatch:
         directory = os.path.dirname(target)
         applied = False
         try:
-            if locked:
-                _recover_locked(self._root, skip=self._txn)
+            if locked and _recover_locked(self._root, skip=self._txn).finished:
+                self._check_paths()
             _step("one-checked")
             now = _target_now(entry)
             dirs = {directory}
@@ -1408,6 +1465,23 @@ class AtomicBatch:
         metrics.histogram("htmlgraph_batch_files").observe(1)
         metrics.histogram("htmlgraph_batch_commit_seconds").observe(time.perf_counter() - started)
 
+    def _check_paths(self) -> None:
+        """Refuse the commit if a batch just finished changed where a path leads.
+
+        Paths were resolved when added; a batch that committed after that
+        (and was interrupted) may since have deleted a symlink on the way.
+        """
+        for entry in self._entries:
+            write = entry.kind == "write"
+            now = _resolve(self._root, entry.given, _split_rel(entry.given), follow=write)
+            if now.path != entry.target.path:
+                raise OSError(
+                    errno.ESTALE,
+                    "a batch finished before this one changed where the batch path leads; "
+                    "nothing was changed",
+                    entry.given,
+                )
+
     def _retire(self) -> None:
         """Remove the (now empty) staging directory; no fsync needed (no journal)."""
         if self._finalizer is not None:
@@ -1419,7 +1493,8 @@ class AtomicBatch:
         hidden = os.path.dirname(txn)
         committed = retired = False
         try:
-            _recover_locked(self._root, skip=txn)
+            if _recover_locked(self._root, skip=txn).finished:
+                self._check_paths()
             _step("locked")
             if all(
                 e.kind == "delete" and e.missing_ok and _lstat(e.target.path) is None
@@ -1448,7 +1523,8 @@ class AtomicBatch:
                     # Again under the lock: since the path was added, its
                     # directory's permissions may have changed, or its target
                     # appeared (made by a batch recovered just now).
-                    _check_change(_nearest_dir(entry.target.path), now, entry.given, checked)
+                    directory = _nearest_dir(entry.target.path, entry.given)
+                    _check_change(directory, now, entry.given, checked)
                     ops.append(_Op(entry.kind, entry.target.rel, entry.staged, _identity_of(now)))
                 data = _encode_journal(start_ns, ops)
                 view = memoryview(data)
