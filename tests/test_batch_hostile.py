@@ -503,3 +503,31 @@ def test_a_dead_stage_the_caller_cannot_remove_does_not_make_lone_writes_lock(
     finally:
         holder.release_lock()
     assert (sticky_root / "mine.txt").read_text() == "x"
+
+
+@needs_root
+@pytest.mark.parametrize("call", ["recover", "read_snapshot", "batch-commit"])
+def test_root_acting_in_a_users_root_does_not_lock_the_user_out(
+    strangers_root: Path, call: str
+) -> None:
+    """The hidden and lock directories root makes in the stranger's root are the stranger's.
+
+    Before, they were root's (0o755): the stranger could make neither a
+    staged file nor a lock marker there, so every later batch, recover and
+    read_snapshot of theirs failed.
+    """
+    CALLS[call](strangers_root)
+    for made in (strangers_root / HIDDEN_DIR, strangers_root / HIDDEN_DIR / "lock"):
+        assert (os.stat(made).st_uid, os.stat(made).st_gid) == (STRANGER, STRANGER), made
+
+    def the_users_turn() -> None:
+        with AtomicBatch(strangers_root, timeout=5) as batch:  # a lone write
+            batch.write("mine.txt", "lone")
+        with AtomicBatch(strangers_root, timeout=5) as batch:  # a journaled batch
+            batch.write("mine.txt", "journaled")
+            batch.write("more.txt", "more")
+        assert read_snapshot(strangers_root, ["mine.txt"], timeout=5) == {"mine.txt": b"journaled"}
+        recover(strangers_root, timeout=5)
+
+    as_stranger(the_users_turn)
+    assert (strangers_root / "mine.txt").read_text() == "journaled"

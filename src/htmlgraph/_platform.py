@@ -209,6 +209,13 @@ if sys.platform == "win32":
         """Return True: Windows files have ACLs, not POSIX owners to compare."""
         return True
 
+    def is_root() -> bool:
+        """Return False: Windows has no uid 0 that bypasses permissions."""
+        return False
+
+    def give(path: str, owner_stat: os.stat_result) -> None:
+        """Do nothing: Windows files have ACLs, not POSIX owners."""
+
     def may_change_entries(directory: str) -> bool:
         """Return True: Windows has no directory write bit (a refusal shows at the rename)."""
         return True
@@ -399,6 +406,14 @@ else:
         batch's hidden or staging directory) is told apart from ours by this.
         """
         return file_stat.st_uid in (0, os.geteuid())
+
+    def is_root() -> bool:
+        """Is this process root (effective uid 0)?"""
+        return os.geteuid() == 0
+
+    def give(path: str, owner_stat: os.stat_result) -> None:
+        """Give ``path`` (never followed) the owner and group of ``owner_stat``."""
+        os.chown(path, owner_stat.st_uid, owner_stat.st_gid, follow_symlinks=False)
 
     def own(file_stat: os.stat_result) -> bool:
         """Is the file this process's own, not root's or another user's?

@@ -328,7 +328,7 @@ def _stranger(st: os.stat_result, real_root: str) -> bool:
     fill (lock markers, journals): refused. Ours, root's and the root
     directory's owner's are trusted; so is one under a root that is not
     sticky, whose writers could replace it anyway. (Staging directories are
-    judged more strictly: :func:`_txn_usable`.)
+    judged more strictly: :func:`_txn_state`.)
     """
     if _platform.trusted_owner(st):
         return False
@@ -356,6 +356,7 @@ def _hidden(real_root: str, *, create: bool) -> str:
         except FileExistsError:
             pass
         else:
+            _give_to_roots_owner(hidden, real_root)
             # Journals live below it: its own entry must be durable first.
             _fsync_dir(real_root)
         st = os.lstat(hidden)
@@ -421,15 +422,29 @@ def _lone_usable(path: str, name: str) -> bool:
     if not _owner_gone(name, _LONE_PREFIX):
         return False
     st = _lstat(path)
-    return st is not None and (_platform.own(st) or _is_root())  # root may remove any
-
-
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
+    return st is not None and (_platform.own(st) or _platform.is_root())  # root may remove any
 
 
 def _locker(real_root: str) -> DirectoryLocker:
-    return DirectoryLocker(os.path.join(_hidden(real_root, create=True), _LOCK_DIR))
+    lock_dir = os.path.join(_hidden(real_root, create=True), _LOCK_DIR)
+    if _platform.is_root() and not os.path.lexists(lock_dir):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(lock_dir)
+            _give_to_roots_owner(lock_dir, real_root)
+    return DirectoryLocker(lock_dir)
+
+
+def _give_to_roots_owner(path: str, real_root: str) -> None:
+    """A directory root makes in another user's root is that user's.
+
+    Root's own would lock the root's owner out of every later batch (no
+    staged file, no lock marker could be made in it).
+    """
+    if not _platform.is_root():
+        return
+    owner = os.stat(real_root)
+    if owner.st_uid != 0:
+        _platform.give(path, owner)
 
 
 class _Op(NamedTuple):
@@ -713,9 +728,9 @@ def recover(root: StrPath, *, timeout: float = _DEFAULT_TIMEOUT) -> RecoveryRepo
     make, so a committed batch of another user's is refused with
     ``PermissionError`` (that user's next batch, recover or snapshot
     finishes it), and only its staging is removed, by whoever may. Runs
-    under the root's exclusive lock; idempotent, and itself crash-safe (a crash during
-    recovery is recovered next time). Batches and :func:`read_snapshot`
-    call it by themselves.
+    under the root's exclusive lock; idempotent, and itself crash-safe (a
+    crash during recovery is recovered next time). Batches and
+    :func:`read_snapshot` call it by themselves.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
