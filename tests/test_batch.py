@@ -1004,26 +1004,6 @@ def test_a_first_path_that_timed_out_still_waits_for_the_finished_tree(root: Pat
 
 
 @posix_only
-@pytest.mark.parametrize("others", [0, 1], ids=["one-write", "journaled"])
-def test_a_path_a_batch_finished_meanwhile_redirected_fails_the_commit(
-    root: Path, others: int
-) -> None:
-    """A batch that commits (and dies) after our path was added deletes the symlink on it."""
-    (root / "real.txt").write_text("old")
-    (root / "link.txt").symlink_to("real.txt")
-    batch = AtomicBatch(root)
-    batch.write("link.txt", "second")  # resolved now: real.txt
-    for _ in range(others):
-        batch.write("more.txt", "more")
-    _leave_unfinished(root, _unlink_and_write_o)
-    with pytest.raises(OSError, match="changed where") as info:
-        batch.commit()
-    assert info.value.filename == "link.txt"
-    assert tree(root) == {"real.txt": b"old", "o.txt": b"o"}  # the other batch, finished
-    assert library_leftovers(root) == []
-
-
-@posix_only
 def test_parent_turned_dangling_symlink_before_commit_changes_nothing(root: Path) -> None:
     batch = AtomicBatch(root)
     batch.write("fresh/x.txt", "new")

@@ -505,29 +505,73 @@ def test_a_dead_stage_the_caller_cannot_remove_does_not_make_lone_writes_lock(
     assert (sticky_root / "mine.txt").read_text() == "x"
 
 
-@needs_root
-@pytest.mark.parametrize("call", ["recover", "read_snapshot", "batch-commit"])
-def test_root_acting_in_a_users_root_does_not_lock_the_user_out(
-    strangers_root: Path, call: str
-) -> None:
-    """The hidden and lock directories root makes in the stranger's root are the stranger's.
+def _as_user(uid: int, gid: int, action: Callable[[], None], *, crash: bool = False) -> None:
+    """Run ``action`` as ``uid`` (groups ``gid``, umask 0o002) in a forked child.
 
-    Before, they were root's (0o755): the stranger could make neither a
-    staged file nor a lock marker there, so every later batch, recover and
-    read_snapshot of theirs failed.
+    ``crash``: the child then dies at once, like a killed process (no cleanup).
     """
-    CALLS[call](strangers_root)
-    for made in (strangers_root / HIDDEN_DIR, strangers_root / HIDDEN_DIR / "lock"):
-        assert (os.stat(made).st_uid, os.stat(made).st_gid) == (STRANGER, STRANGER), made
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.umask(0o002)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"uid {uid}'s action failed"
 
-    def the_users_turn() -> None:
-        with AtomicBatch(strangers_root, timeout=5) as batch:  # a lone write
-            batch.write("mine.txt", "lone")
-        with AtomicBatch(strangers_root, timeout=5) as batch:  # a journaled batch
-            batch.write("mine.txt", "journaled")
-            batch.write("more.txt", "more")
-        assert read_snapshot(strangers_root, ["mine.txt"], timeout=5) == {"mine.txt": b"journaled"}
-        recover(strangers_root, timeout=5)
 
-    as_stranger(the_users_turn)
-    assert (strangers_root / "mine.txt").read_text() == "journaled"
+@needs_root
+def test_a_dead_users_staging_stops_another_user_until_it_is_cleared() -> None:
+    """Two users share a group root; one dies while staging (its txn-* is 0o700).
+
+    The other cannot look inside, so it cannot know the batch never
+    committed: its batches refuse loudly, naming the directory, rather than
+    build on what may be a committed batch. Root can look inside: it removes
+    the staging, and the other user goes on.
+    """
+    user_a, user_b, group = STRANGER, STRANGER + 1, STRANGER + 2
+    with world_traversable_dir() as base:
+        site = base / "site"
+        site.mkdir()
+        os.chown(site, user_a, group)
+        site.chmod(0o2775)
+
+        def stage_and_die() -> None:
+            batch = AtomicBatch(site, timeout=5)
+            batch.write("a.txt", "A")
+            batch.write("b.txt", "A")  # two writes: a txn-* of its own
+            os._exit(0)  # killed: nothing cleaned up
+
+        _as_user(user_a, group, stage_and_die)
+        (txn,) = [p for p in (site / HIDDEN_DIR).iterdir() if p.name.startswith("txn-")]
+        assert stat.S_IMODE(os.stat(txn).st_mode) & 0o777 == 0o700
+
+        def refused() -> None:
+            with (
+                pytest.raises(PermissionError, match="cannot be looked into") as info,
+                AtomicBatch(site, timeout=5) as batch,
+            ):
+                batch.write("mine.txt", "B")
+            assert info.value.filename == str(txn)
+            with pytest.raises(PermissionError, match="cannot be looked into"):
+                read_snapshot(site, timeout=5)
+
+        _as_user(user_b, group, refused)
+        # Root looks inside: never committed. It removes the txn-* and the
+        # first write's stage-* (which B may not remove: it counted for nobody).
+        assert recover(site) == RecoveryReport(discarded=2)
+
+        def goes_on() -> None:
+            with AtomicBatch(site, timeout=5) as batch:
+                batch.write("mine.txt", "B")
+                batch.write("more.txt", "B")
+
+        _as_user(user_b, group, goes_on)
+        assert tree(site) == {"mine.txt": b"B", "more.txt": b"B"}
+        assert library_leftovers(site) == []

@@ -213,9 +213,6 @@ if sys.platform == "win32":
         """Return False: Windows has no uid 0 that bypasses permissions."""
         return False
 
-    def give(path: str, owner_stat: os.stat_result) -> None:
-        """Do nothing: Windows files have ACLs, not POSIX owners."""
-
     def may_change_entries(directory: str) -> bool:
         """Return True: Windows has no directory write bit (a refusal shows at the rename)."""
         return True
@@ -410,10 +407,6 @@ else:
     def is_root() -> bool:
         """Is this process root (effective uid 0)?"""
         return os.geteuid() == 0
-
-    def give(path: str, owner_stat: os.stat_result) -> None:
-        """Give ``path`` (never followed) the owner and group of ``owner_stat``."""
-        os.chown(path, owner_stat.st_uid, owner_stat.st_gid, follow_symlinks=False)
 
     def own(file_stat: os.stat_result) -> bool:
         """Is the file this process's own, not root's or another user's?

@@ -328,7 +328,7 @@ def _stranger(st: os.stat_result, real_root: str) -> bool:
     fill (lock markers, journals): refused. Ours, root's and the root
     directory's owner's are trusted; so is one under a root that is not
     sticky, whose writers could replace it anyway. (Staging directories are
-    judged more strictly: :func:`_txn_state`.)
+    judged more strictly: :func:`_txn_usable`.)
     """
     if _platform.trusted_owner(st):
         return False
@@ -356,7 +356,6 @@ def _hidden(real_root: str, *, create: bool) -> str:
         except FileExistsError:
             pass
         else:
-            _give_to_roots_owner(hidden, real_root)
             # Journals live below it: its own entry must be durable first.
             _fsync_dir(real_root)
         st = os.lstat(hidden)
@@ -380,16 +379,16 @@ def _txn_state(txn: str, name: str, real_root: str) -> Literal["ours", "skip", "
     caller is not root) is never replayed with the caller's rights - its
     journal could name changes its writer may not make - so it is
     ``"skip"``ped while its writer may still be staging, ``"discard"``ed
-    when it never committed and its process is gone (only who may remove it
-    can), and refused loudly when it committed: only its user may finish
-    it. ``"skip"`` also for a symlink, or a stranger's in a sticky root
-    (:func:`_stranger`: never even looked into).
+    by root when it never committed and its process is gone, and refused
+    loudly when it committed: only its user may finish it. ``"skip"`` also
+    for a symlink, or a stranger's in a sticky root (:func:`_stranger`:
+    never even looked into).
 
     Raises:
         PermissionError: Another user's batch committed and is not finished,
             or it cannot be looked into and its process is gone (it may have
-            committed). It names ``txn``; that user's next batch, recover or
-            read_snapshot finishes it.
+            committed). It names ``txn``; that user's next batch or recover
+            finishes it.
     """
     st = _lstat(txn)
     if st is None or not stat.S_ISDIR(st.st_mode) or _stranger(st, real_root):
@@ -399,7 +398,8 @@ def _txn_state(txn: str, name: str, real_root: str) -> Literal["ours", "skip", "
     try:
         os.lstat(os.path.join(txn, _JOURNAL))
     except FileNotFoundError:
-        return "discard" if _owner_gone(name) else "skip"
+        # Never committed: root may remove it once its writer is gone.
+        return "discard" if _platform.is_root() and _owner_gone(name) else "skip"
     except PermissionError:
         if not _owner_gone(name):
             return "skip"  # staging, most likely: its writer will commit or discard it
@@ -426,25 +426,7 @@ def _lone_usable(path: str, name: str) -> bool:
 
 
 def _locker(real_root: str) -> DirectoryLocker:
-    lock_dir = os.path.join(_hidden(real_root, create=True), _LOCK_DIR)
-    if _platform.is_root() and not os.path.lexists(lock_dir):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(lock_dir)
-            _give_to_roots_owner(lock_dir, real_root)
-    return DirectoryLocker(lock_dir)
-
-
-def _give_to_roots_owner(path: str, real_root: str) -> None:
-    """A directory root makes in another user's root is that user's.
-
-    Root's own would lock the root's owner out of every later batch (no
-    staged file, no lock marker could be made in it).
-    """
-    if not _platform.is_root():
-        return
-    owner = os.stat(real_root)
-    if owner.st_uid != 0:
-        _platform.give(path, owner)
+    return DirectoryLocker(os.path.join(_hidden(real_root, create=True), _LOCK_DIR))
 
 
 class _Op(NamedTuple):
@@ -618,7 +600,12 @@ def _remove_tree(path: str) -> None:
 
 
 def _owner_gone(name: str, prefix: str = _TXN_PREFIX) -> bool:
-    """Is the process that stages in ``{prefix}{pid}-{tag}-{token}`` gone (proof only)?"""
+    """Is the process that stages in ``{prefix}{pid}-{tag}-{token}`` gone (proof only)?
+
+    A process whose start cannot be read (``/proc`` mounted ``hidepid``, for
+    another user's) is alive while its pid exists; one of another host or
+    pid namespace cannot be judged.
+    """
     fields = name[len(prefix) :].split("-")
     if len(fields) != 3:
         return False
@@ -626,12 +613,10 @@ def _owner_gone(name: str, prefix: str = _TXN_PREFIX) -> bool:
     tag = fields[1]
     if pid is None or len(tag) != 16:
         return False
-    mine = _identity.owner_tag(os.getpid())
-    if tag[:8] != mine[:8]:
-        return False  # another host or pid namespace: cannot judge
-    if pid == os.getpid():
-        return tag != mine  # our pid, reused from a dead process
-    return _identity.owner_tag(pid) != tag
+    if pid == os.getpid():  # our pid: reused from a dead process of this place?
+        mine = _identity.owner_tag(pid)
+        return tag[:8] == mine[:8] and tag != mine
+    return _identity.tagged_owner_state(pid, tag) == "gone"
 
 
 def _recover_locked(real_root: str, *, skip: str | None = None) -> RecoveryReport:
@@ -726,11 +711,11 @@ def recover(root: StrPath, *, timeout: float = _DEFAULT_TIMEOUT) -> RecoveryRepo
     removed) once its process is gone. Only the caller's own batches are
     finished: another user's journal could name changes that user may not
     make, so a committed batch of another user's is refused with
-    ``PermissionError`` (that user's next batch, recover or snapshot
-    finishes it), and only its staging is removed, by whoever may. Runs
-    under the root's exclusive lock; idempotent, and itself crash-safe (a
-    crash during recovery is recovered next time). Batches and
-    :func:`read_snapshot` call it by themselves.
+    ``PermissionError`` (that user's next batch or recover finishes it),
+    and its staging that never committed is removed by root only. Runs
+    under the root's exclusive lock; idempotent, and itself crash-safe (a crash during
+    recovery is recovered next time). Batches and :func:`read_snapshot`
+    call it by themselves.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -1433,8 +1418,8 @@ class AtomicBatch:
         directory = os.path.dirname(target)
         applied = False
         try:
-            if locked and _recover_locked(self._root, skip=self._txn).finished:
-                self._check_paths()
+            if locked:
+                _recover_locked(self._root, skip=self._txn)
             _step("one-checked")
             now = _target_now(entry)
             dirs = {directory}
@@ -1480,23 +1465,6 @@ class AtomicBatch:
         metrics.histogram("htmlgraph_batch_files").observe(1)
         metrics.histogram("htmlgraph_batch_commit_seconds").observe(time.perf_counter() - started)
 
-    def _check_paths(self) -> None:
-        """Refuse the commit if a batch just finished changed where a path leads.
-
-        Paths were resolved when added; a batch that committed after that
-        (and was interrupted) may since have deleted a symlink on the way.
-        """
-        for entry in self._entries:
-            write = entry.kind == "write"
-            now = _resolve(self._root, entry.given, _split_rel(entry.given), follow=write)
-            if now.path != entry.target.path:
-                raise OSError(
-                    errno.ESTALE,
-                    "a batch finished before this one changed where the batch path leads; "
-                    "nothing was changed",
-                    entry.given,
-                )
-
     def _retire(self) -> None:
         """Remove the (now empty) staging directory; no fsync needed (no journal)."""
         if self._finalizer is not None:
@@ -1508,8 +1476,7 @@ class AtomicBatch:
         hidden = os.path.dirname(txn)
         committed = retired = False
         try:
-            if _recover_locked(self._root, skip=txn).finished:
-                self._check_paths()
+            _recover_locked(self._root, skip=txn)
             _step("locked")
             if all(
                 e.kind == "delete" and e.missing_ok and _lstat(e.target.path) is None
