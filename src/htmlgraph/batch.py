@@ -328,7 +328,7 @@ def _stranger(st: os.stat_result, real_root: str) -> bool:
     fill (lock markers, journals): refused. Ours, root's and the root
     directory's owner's are trusted; so is one under a root that is not
     sticky, whose writers could replace it anyway. (Staging directories are
-    judged more strictly: :func:`_txn_usable`.)
+    judged more strictly: :func:`_txn_state`.)
     """
     if _platform.trusted_owner(st):
         return False
@@ -713,9 +713,9 @@ def recover(root: StrPath, *, timeout: float = _DEFAULT_TIMEOUT) -> RecoveryRepo
     make, so a committed batch of another user's is refused with
     ``PermissionError`` (that user's next batch or recover finishes it),
     and its staging that never committed is removed by root only. Runs
-    under the root's exclusive lock; idempotent, and itself crash-safe (a crash during
-    recovery is recovered next time). Batches and :func:`read_snapshot`
-    call it by themselves.
+    under the root's exclusive lock; idempotent, and itself crash-safe (a
+    crash during recovery is recovered next time). Batches and
+    :func:`read_snapshot` call it by themselves.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
