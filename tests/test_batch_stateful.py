@@ -62,7 +62,9 @@ class BatchMachine(RuleBasedStateMachine):
     def _fill(self, batch: AtomicBatch, changes: dict[str, bytes | None]) -> None:
         for rel, data in changes.items():
             if data is None:
-                batch.delete(rel, missing_ok=True)
+                # A file the model holds is deleted plainly: it exists, even
+                # when only a committed, unfinished batch has made it so far.
+                batch.delete(rel, missing_ok=rel not in self.model)
             elif len(data) % 2:
                 with batch.open(rel) as f:
                     f.write(data)
