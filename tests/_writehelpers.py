@@ -69,23 +69,37 @@ def is_root() -> bool:
 STRANGER = 2000
 
 
-def as_stranger(action: Callable[[], None]) -> None:
-    """Run ``action`` in a forked child with the stranger's uid and gid; fail on its error."""
+def become(uid: int, gid: int, *, umask: int | None = None) -> None:
+    """In a forked child: run from now on as ``uid``, with ``gid`` as its only group."""
+    if sys.platform == "win32":
+        raise RuntimeError("no POSIX users on Windows")
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(uid)
+    if umask is not None:
+        os.umask(umask)
+
+
+def as_user(uid: int, gid: int, action: Callable[[], None], *, umask: int | None = None) -> None:
+    """Run ``action`` in a forked child as ``uid`` (group ``gid``); fail on its error."""
     if sys.platform == "win32":
         raise RuntimeError("no fork and no POSIX users on Windows")
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            os.setgroups([])
-            os.setgid(STRANGER)
-            os.setuid(STRANGER)
+            become(uid, gid, umask=umask)
             action()
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the stranger's action failed"
+    assert os.waitstatus_to_exitcode(status) == 0, f"uid {uid}'s action failed"
+
+
+def as_stranger(action: Callable[[], None]) -> None:
+    """Run ``action`` in a forked child with the stranger's uid and gid; fail on its error."""
+    as_user(STRANGER, STRANGER, action)
 
 
 @contextlib.contextmanager

@@ -25,11 +25,13 @@ from crashlab.batchchild import (
     CRASH_EXIT,
     NEW_TREE,
     OLD_TREE,
+    WriterGone,
     crash_standard_batch,
     library_leftovers,
     make_old,
     run_standard_batch,
     tree,
+    writer_gone_after_commit,
 )
 from crashlab.procs import start_process
 from htmlgraph import (
@@ -926,29 +928,15 @@ def _commits() -> float:
     return float(sum(row["value"] for row in counters.get("htmlgraph_batch_commits_total", [])))
 
 
-class _Gone(BaseException):
-    pass
-
-
 def _leave_unfinished(root: Path, fill: Callable[[AtomicBatch], None]) -> None:
     """Commit a batch whose writer stops right after the commit point: nothing applied."""
-
-    def step(name: str) -> None:
-        if name == "committed":
-            raise _Gone(name)
-
-    def cannot_finish(*args: object) -> None:
-        raise OSError("the writer is gone")
-
-    saved = batch_mod._roll_forward
-    batch_mod._step = step
-    batch_mod._roll_forward = cannot_finish  # type: ignore[assignment]
-    try:
-        with pytest.raises(_Gone), AtomicBatch(root) as batch:
-            fill(batch)
-    finally:
-        batch_mod._step = batch_mod._no_step
-        batch_mod._roll_forward = saved
+    with (
+        writer_gone_after_commit() as hit,
+        pytest.raises(WriterGone),
+        AtomicBatch(root) as batch,
+    ):
+        fill(batch)
+    assert hit == ["committed"]
 
 
 @posix_only

@@ -25,7 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from _writehelpers import STRANGER, as_stranger, is_root, world_traversable_dir
+from _writehelpers import (
+    STRANGER,
+    as_stranger,
+    as_user,
+    become,
+    is_root,
+    world_traversable_dir,
+)
 from crashlab.batchchild import library_leftovers, tree
 from htmlgraph import (
     AtomicBatch,
@@ -368,9 +375,7 @@ def _as_stranger_with_a_pause(before: Callable[[], object], meanwhile: Callable[
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            os.setgroups([])
-            os.setgid(STRANGER)
-            os.setuid(STRANGER)
+            become(STRANGER, STRANGER)
             after = before()
             os.write(ready_w, b"r")
             os.read(go_r, 1)
@@ -505,27 +510,6 @@ def test_a_dead_stage_the_caller_cannot_remove_does_not_make_lone_writes_lock(
     assert (sticky_root / "mine.txt").read_text() == "x"
 
 
-def _as_user(uid: int, gid: int, action: Callable[[], None], *, crash: bool = False) -> None:
-    """Run ``action`` as ``uid`` (groups ``gid``, umask 0o002) in a forked child.
-
-    ``crash``: the child then dies at once, like a killed process (no cleanup).
-    """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([gid])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.umask(0o002)
-            action()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, f"uid {uid}'s action failed"
-
-
 @needs_root
 def test_a_dead_users_staging_stops_another_user_until_it_is_cleared() -> None:
     """Two users share a group root; one dies while staging (its txn-* is 0o700).
@@ -548,7 +532,7 @@ def test_a_dead_users_staging_stops_another_user_until_it_is_cleared() -> None:
             batch.write("b.txt", "A")  # two writes: a txn-* of its own
             os._exit(0)  # killed: nothing cleaned up
 
-        _as_user(user_a, group, stage_and_die)
+        as_user(user_a, group, stage_and_die, umask=0o002)
         (txn,) = [p for p in (site / HIDDEN_DIR).iterdir() if p.name.startswith("txn-")]
         assert stat.S_IMODE(os.stat(txn).st_mode) & 0o777 == 0o700
 
@@ -562,7 +546,7 @@ def test_a_dead_users_staging_stops_another_user_until_it_is_cleared() -> None:
             with pytest.raises(PermissionError, match="cannot be looked into"):
                 read_snapshot(site, timeout=5)
 
-        _as_user(user_b, group, refused)
+        as_user(user_b, group, refused, umask=0o002)
         # Root looks inside: never committed. It removes the txn-* and the
         # first write's stage-* (which B may not remove: it counted for nobody).
         assert recover(site) == RecoveryReport(discarded=2)
@@ -572,6 +556,6 @@ def test_a_dead_users_staging_stops_another_user_until_it_is_cleared() -> None:
                 batch.write("mine.txt", "B")
                 batch.write("more.txt", "B")
 
-        _as_user(user_b, group, goes_on)
+        as_user(user_b, group, goes_on, umask=0o002)
         assert tree(site) == {"mine.txt": b"B", "more.txt": b"B"}
         assert library_leftovers(site) == []

@@ -12,6 +12,7 @@ library's hidden directory holds nothing but its lock directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from crashlab.batchchild import library_leftovers, tree
+from crashlab.batchchild import WriterGone, library_leftovers, tree, writer_gone_after_commit
 from htmlgraph import AtomicBatch, atomic_write, read_snapshot, recover
 from htmlgraph import batch as batch_mod
 
@@ -121,27 +122,12 @@ class BatchMachine(RuleBasedStateMachine):
         ``then`` is staged against a tree that lacks ``first``'s changes (they
         are only in its journal), and must still land on top of them.
         """
-        hit: list[str] = []
-
-        def step(name: str) -> None:
-            if name == "committed":
-                hit.append(name)
-                raise _Crash(name)
-
-        def cannot_finish(*args: object) -> None:
-            raise OSError("the writer is gone")
-
-        saved = batch_mod._roll_forward
-        batch_mod._step = step
-        batch_mod._roll_forward = cannot_finish  # type: ignore[assignment]
-        try:
-            with AtomicBatch(self.root) as batch:
-                self._fill(batch, first)
-        except _Crash:
-            pass
-        finally:
-            batch_mod._step = batch_mod._no_step
-            batch_mod._roll_forward = saved
+        with (
+            writer_gone_after_commit() as hit,
+            contextlib.suppress(WriterGone),
+            AtomicBatch(self.root) as batch,
+        ):
+            self._fill(batch, first)
         self._apply(first)  # committed, finished or not
         if hit:  # a journal waits (a batch of one operation has none)
             assert (self.root / batch_mod.HIDDEN_DIR).exists()

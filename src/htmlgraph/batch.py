@@ -1505,7 +1505,9 @@ class AtomicBatch:
                     # Again under the lock: since the path was added, its
                     # directory's permissions may have changed, or its target
                     # appeared (made by a batch recovered just now).
-                    directory = _nearest_dir(entry.target.path, entry.given)
+                    directory = os.path.dirname(entry.target.path)
+                    if directory not in checked:  # (one stat per directory, not per file)
+                        directory = _nearest_dir(entry.target.path, entry.given)
                     _check_change(directory, now, entry.given, checked)
                     ops.append(_Op(entry.kind, entry.target.rel, entry.staged, _identity_of(now)))
                 data = _encode_journal(start_ns, ops)

@@ -11,9 +11,11 @@ that mixes two batches is visible without knowing which batch ran last.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -149,6 +151,37 @@ def crash_recovery(root: str, k: int) -> None:
     """Child: run :func:`htmlgraph.recover` and die at its step ``k``."""
     exit_at_step(k)
     batch_mod.recover(root)
+
+
+class WriterGone(BaseException):
+    """Raised at a batch's commit point by :func:`writer_gone_after_commit`."""
+
+
+@contextlib.contextmanager
+def writer_gone_after_commit() -> Iterator[list[str]]:
+    """In the block, a batch's writer "dies" right after its commit point, in process.
+
+    The commit raises :class:`WriterGone` there and nothing is applied (its
+    own attempt to finish fails too): a committed, unfinished batch waits
+    for recovery. Yields the list of steps hit (empty: no journaled commit).
+    """
+    hit: list[str] = []
+
+    def step(name: str) -> None:
+        if name == "committed":
+            hit.append(name)
+            raise WriterGone(name)
+
+    def cannot_finish(*args: object) -> None:
+        raise OSError("the writer is gone")
+
+    saved = batch_mod._step, batch_mod._roll_forward
+    batch_mod._step = step
+    batch_mod._roll_forward = cannot_finish  # type: ignore[assignment]
+    try:
+        yield hit
+    finally:
+        batch_mod._step, batch_mod._roll_forward = saved
 
 
 # -- the kill -9 loop: numbered batches over a fixed set of files.
